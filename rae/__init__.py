@@ -1,0 +1,1 @@
+"""Representation autoencoders and diffusion transformers in pure PyTorch (no Ray here)."""
