@@ -1,0 +1,75 @@
+"""The `rae` command line: one entry point, subcommands registered by the modules that own them.
+
+Every subcommand is ``rae <command> [<subcommand>] [flags]`` and returns a process exit code. Errors
+that are the user's (a missing file, a store made with another encoder, a bad flag) are printed as one
+line naming the input at fault, without a traceback; ``RAE_DEBUG=1`` shows the traceback too.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+# Modules that add subcommands, in the order they appear in `rae --help`.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def _add_models_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="list every preset with parameter count and GFLOPs per image",
+        description="List the encoder, decoder and diffusion presets with parameter counts and compute "
+                    "per image, measured on the meta device (no memory, no weights needed).",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--kind", choices=("encoder", "decoder", "dit"), action="append",
+                        help="only this kind (repeatable); default: all")
+    parser.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from rae.model_summary import all_summaries, format_table
+
+    rows = all_summaries(tuple(args.kind or ("encoder", "decoder", "dit")))
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rae",
+        description="Diffusion transformers on Representation Autoencoders, on Ray. The chain: "
+                    "shards -> encode -> latent store -> train decoder / train dit -> sample -> eval. "
+                    "Start with `rae demo`; see `rae <command> --help` for each step.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    _add_models_command(subparsers)
+    for module_name in _COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        if os.environ.get("RAE_DEBUG"):
+            raise
+        print(f"rae {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
