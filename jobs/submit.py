@@ -1,0 +1,131 @@
+"""`rae submit`: run any rae command as a Ray job on a cluster, with this project as its working dir.
+
+The job runs the same code path as a local run: the project directory is uploaded as the job's
+working directory (minus data, environments and checkpoints), and the entrypoint is the rae command
+itself, started as ``python -m jobs.cli ...`` so the uploaded copy is the code that runs.
+
+Authentication: Ray >= 2.59 clusters may require a token (``RAY_AUTH_MODE=token``). The job client
+reads it from ``RAY_AUTH_TOKEN`` or the file named by ``RAY_AUTH_TOKEN_PATH`` (default
+``~/.ray/auth_token``); on a cluster made by ``ray up``, ``ray get-auth-token`` on the head prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Never uploaded with the working dir: environments, caches and the artifacts runs write locally.
+UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", "runs", "rae-demo", "*.egg-info"]
+
+# Forwarded from the submitting shell when set. Configuration only; see SECRET_ENV_VARS.
+CONFIG_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "WANDB_MODE", "WANDB_PROJECT",
+                   "WANDB_ENTITY", "HF_HUB_OFFLINE", "RAE_CACHE_DIR")
+# Forwarded only with --forward-secrets: they then sit in the job's runtime env on the cluster (visible
+# to whoever can read the dashboard), so prefer instance profiles / service accounts on the nodes.
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY",
+                   "HF_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def entrypoint_for(command: list[str]) -> str:
+    """The shell entrypoint for a rae command given as argv (with or without the leading 'rae')."""
+    if not command:
+        raise ValueError("rae submit needs a command after '--', e.g. rae submit -- rae encode --shards ...")
+    if command[0] == "rae":
+        command = command[1:]
+    if not command or command[0] == "submit":
+        raise ValueError(f"rae submit runs a rae command such as 'rae encode ...'; got {shlex.join(command)!r}")
+    return shlex.join(["python", "-m", "jobs.cli", *command])
+
+
+def runtime_env_for(working_dir: Path, forward_secrets: bool, environ: dict[str, str]) -> dict:
+    names = CONFIG_ENV_VARS + (SECRET_ENV_VARS if forward_secrets else ())
+    env_vars = {name: environ[name] for name in names if name in environ}
+    return {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
+
+
+def submit(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS "
+                         "(after `ray up cluster.yaml`, `ray dashboard cluster.yaml` forwards it to localhost:8265)")
+    entrypoint = entrypoint_for(args.rae_command)
+    runtime_env = runtime_env_for(Path(args.working_dir), args.forward_secrets, dict(os.environ))
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env=runtime_env,
+        submission_id=args.job_id,
+        entrypoint_num_cpus=args.entrypoint_num_cpus,
+        entrypoint_num_gpus=args.entrypoint_num_gpus,
+    )
+    forwarded = ", ".join(sorted(runtime_env["env_vars"])) or "none"
+    print(f"submitted job {job_id} to {address}")
+    print(f"  entrypoint: {entrypoint}")
+    print(f"  environment forwarded (names only): {forwarded}")
+    print(f"  follow logs: ray job logs --address {address} --follow {job_id}")
+    print(f"  stop it:     ray job stop --address {address} {job_id}")
+    if not args.wait:
+        return 0
+    return wait_for(client, job_id, timeout_s=args.timeout)
+
+
+def wait_for(client, job_id: str, timeout_s: float | None) -> int:
+    """Stream the job's logs until it ends; exit code 0 only when it succeeded."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    printed = 0
+    status = None
+    while deadline is None or time.monotonic() < deadline:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        logs = client.get_job_logs(job_id)
+        sys.stdout.write(logs[printed:])
+        sys.stdout.flush()
+        printed = len(logs)
+        if status in TERMINAL:
+            break
+        time.sleep(1.0)
+    else:
+        print(f"job {job_id} still {status} after {timeout_s:.0f} s; it keeps running on the cluster")
+        return 3
+    print(f"job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "submit",
+        help="run a rae command as a Ray job on a cluster",
+        description="Submit a rae command to a Ray cluster as a job, with this project as its working "
+                    "directory:  rae submit --address http://HEAD:8265 -- rae encode --shards s3://... "
+                    "--store s3://...  Token-auth clusters (Ray >= 2.59): export RAY_AUTH_TOKEN first.",
+    )
+    parser.add_argument("--address", help="the cluster's job server, e.g. http://127.0.0.1:8265 "
+                                          "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
+    parser.add_argument("--working-dir", default=str(PROJECT_ROOT),
+                        help="directory uploaded as the job's working dir (default: this project)")
+    parser.add_argument("--job-id", help="a submission id of your choosing (default: generated)")
+    parser.add_argument("--entrypoint-num-cpus", type=float, default=None,
+                        help="CPUs reserved for the driver (default 0: it may run on the CPU-only head)")
+    parser.add_argument("--entrypoint-num-gpus", type=float, default=None,
+                        help="GPUs reserved for the driver (default 0; workers request their own)")
+    parser.add_argument("--forward-secrets", action="store_true",
+                        help=f"also forward {', '.join(SECRET_ENV_VARS)} from this shell (they become "
+                             "visible in the job's runtime env on the cluster)")
+    parser.add_argument("--wait", action="store_true", help="stream logs and exit with the job's result")
+    parser.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many s")
+    parser.add_argument("rae_command", nargs=argparse.REMAINDER, help="-- then the rae command to run")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.rae_command and args.rae_command[0] == "--":
+        args.rae_command = args.rae_command[1:]
+    return submit(args)
