@@ -57,11 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rae.encoders import WeightsUnavailableError
+
+    user_errors = USER_ERRORS + (WeightsUnavailableError,)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as error:
+    except user_errors as error:
         if os.environ.get("RAE_DEBUG"):
             raise
         print(f"rae {args.command}: error: {error}", file=sys.stderr)
