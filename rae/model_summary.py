@@ -72,13 +72,17 @@ def dit_summary(preset: str, latent_channels: int = 768, grid: int = 16,
     from rae.dit import build_dit
 
     with torch.device("meta"):
-        model = build_dit(preset, latent_channels=latent_channels, grid=grid, num_classes=num_classes)
+        # Listed even where narrower than the tokens (the paper's DiT-S/B on DINOv2-B); `note` says so.
+        model = build_dit(preset, latent_channels=latent_channels, grid=grid, num_classes=num_classes,
+                          allow_narrow=True)
         x = torch.empty(1, grid * grid, latent_channels)
         t = torch.empty(1)
         y = torch.zeros(1, dtype=torch.long)
         flops = forward_flops(lambda: model(x, t, y))
+    narrow = model.config.output_width < model.config.token_dim
     return ModelSummary("dit", preset, count_parameters(model), flops / 1e9,
-                        f"{grid * grid}x{latent_channels} -> velocity")
+                        f"{grid * grid}x{latent_channels} -> velocity"
+                        + (" (narrower than the tokens: refused unless allow_narrow)" if narrow else ""))
 
 
 def all_summaries(kinds: tuple[str, ...] = ("encoder", "decoder", "dit")) -> list[ModelSummary]:

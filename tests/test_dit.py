@@ -1,0 +1,159 @@
+"""DiT and DiT^DH: sizes against the paper, shapes, conditioning, the width rule."""
+import pytest
+import torch
+
+from rae.dit import DIT_PRESETS, DiT, DiTConfig, DiTDH, build_dit, count_parameters
+from rae.dit_blocks import RotaryEmbedding2D, patchify, sincos_pos_embed_2d, unpatchify
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: on a shared 2-core machine a second intra-op thread only adds contention
+    (measured 30x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _meta_params(preset: str, **overrides) -> int:
+    with torch.device("meta"):
+        return count_parameters(build_dit(preset, **overrides))
+
+
+@pytest.mark.parametrize("preset,paper_millions", [("dit-xl", 676), ("ditdh-xl", 839)])
+def test_xl_parameter_counts_match_the_paper_within_one_percent(preset: str, paper_millions: int) -> None:
+    # Measured: dit-xl 676.95M, ditdh-xl 838.38M (fixed positions and Fourier frequencies are buffers).
+    params = _meta_params(preset)
+    assert abs(params / 1e6 - paper_millions) / paper_millions < 0.01, params
+
+
+def test_every_preset_builds_and_runs_on_the_meta_device() -> None:
+    for name in DIT_PRESETS:
+        with torch.device("meta"):
+            model = build_dit(name, allow_narrow=True)
+            out = model(torch.empty(2, 256, 768), torch.empty(2), torch.zeros(2, dtype=torch.long))
+        assert out.shape == (2, 256, 768) and out.device.type == "meta", name
+        assert isinstance(model, DiTDH if name.startswith("ditdh") else DiT)
+
+
+def test_a_dit_narrower_than_its_tokens_is_refused_with_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"dit-s: width 384 is narrower than the token dimension 768"):
+        _meta_params("dit-s")
+    # patch 2 on 256 channels: tokens of 2 * 2 * 256 = 1024 values, too many for DiT-B's 768.
+    with pytest.raises(ValueError, match="token dimension 1024"):
+        _meta_params("dit-b", latent_channels=256, patch_size=2)
+    assert _meta_params("dit-s", allow_narrow=True) > 0
+
+
+def test_ditdh_width_rule_applies_to_the_head_that_predicts_the_velocity() -> None:
+    assert _meta_params("ditdh-s") > 0  # 384-wide trunk, 2048-wide head: fine on 768 channels
+    with pytest.raises(ValueError, match="head_width 512"):
+        _meta_params("ditdh-s", head_width=512)
+
+
+def test_build_dit_rejects_unknown_presets_and_fields() -> None:
+    with pytest.raises(ValueError, match="unknown DiT preset 'dit-xxl'"):
+        build_dit("dit-xxl")
+    with pytest.raises(TypeError, match="hidden_size"):
+        build_dit("dit-tiny", latent_channels=8, grid=4, hidden_size=64)
+
+
+def test_config_rejects_a_head_dimension_rope_cannot_rotate() -> None:
+    with pytest.raises(ValueError, match="head dimension"):
+        DiTConfig(width=96, heads=16, head_depth=0, latent_channels=8)
+
+
+def _tiny(preset: str = "ditdh-tiny", **overrides) -> torch.nn.Module:
+    sizes = dict(latent_channels=8, grid=4, num_classes=5, width=32, heads=2, depth=2)
+    if preset.startswith("ditdh"):
+        sizes.update(head_width=32, head_heads=2)
+    return build_dit(preset, **{**sizes, **overrides})
+
+
+def _randomize(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", "ditdh-tiny"])
+def test_adaln_zero_model_predicts_zero_velocity_at_initialisation(preset: str) -> None:
+    model = _tiny(preset)
+    out = model(torch.randn(3, 16, 8), torch.rand(3), torch.tensor([0, 1, 5]))
+    assert torch.equal(out, torch.zeros(3, 16, 8))
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", "ditdh-tiny"])
+def test_forward_and_backward_reach_every_parameter(preset: str) -> None:
+    model = _randomize(_tiny(preset))
+    x = torch.randn(3, 16, 8, requires_grad=True)
+    out = model(x, torch.rand(3), torch.tensor([0, 4, 5]))
+    assert out.shape == (3, 16, 8)
+    out.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        if name.startswith("y_embedder"):
+            continue  # only the rows of the labels used get gradient
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_patch_size_two_maps_blocks_of_tokens_and_back() -> None:
+    x = torch.randn(2, 64, 5)
+    tokens = patchify(x, 8, 2)
+    assert tokens.shape == (2, 16, 20)
+    assert torch.equal(tokens[0, 0], torch.cat([x[0, 0], x[0, 1], x[0, 8], x[0, 9]]))  # a 2x2 block
+    assert torch.equal(unpatchify(tokens, 8, 2), x)
+    model = _randomize(_tiny("ditdh-tiny", latent_channels=4, patch_size=2))
+    assert model(torch.randn(2, 16, 4), torch.rand(2), torch.tensor([1, 2])).shape == (2, 16, 4)
+
+
+def test_label_dropout_is_off_in_eval_mode() -> None:
+    model = _randomize(_tiny("dit-tiny", class_dropout=0.5)).eval()
+    x, t, y = torch.randn(8, 16, 8), torch.rand(8), torch.arange(8) % 5
+    assert torch.equal(model(x, t, y), model(x, t, y))
+    assert not torch.allclose(model(x, t, y), model(x, t, torch.full_like(y, 5)))
+
+
+def test_label_dropout_in_training_replaces_labels_by_the_null_class() -> None:
+    model = _randomize(_tiny("dit-tiny", class_dropout=0.999))
+    x, t, y = torch.randn(4, 16, 8), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)  # with p = 0.999 all four labels drop (probability 0.996)
+    dropped = model.train()(x, t, y)
+    null = model.eval()(x, t, torch.full_like(y, 5))
+    assert torch.allclose(dropped, null, atol=1e-6)
+
+
+def test_model_outputs_depend_on_time_and_class() -> None:
+    model = _randomize(_tiny()).eval()
+    x = torch.randn(2, 16, 8)
+    base = model(x, torch.tensor([0.3, 0.3]), torch.tensor([1, 1]))
+    assert not torch.allclose(base, model(x, torch.tensor([0.7, 0.7]), torch.tensor([1, 1])))
+    assert not torch.allclose(base, model(x, torch.tensor([0.3, 0.3]), torch.tensor([2, 2])))
+
+
+def test_forward_rejects_latents_of_the_wrong_shape() -> None:
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"x_t must be \(B, 16, 8\)"):
+        model(torch.randn(2, 16, 9), torch.rand(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer class labels"):
+        model(torch.randn(2, 16, 8), torch.rand(2), torch.zeros(2))
+
+
+def test_rope_attention_scores_depend_only_on_relative_position() -> None:
+    rope = RotaryEmbedding2D(head_dim=8, grid=4)
+    q, k = torch.randn(8), torch.randn(8)
+    rq = rope(q.expand(1, 1, 16, 8))[0, 0]
+    rk = rope(k.expand(1, 1, 16, 8))[0, 0]
+    scores = rq @ rk.T  # token index = 4 * row + col
+    assert torch.allclose(scores[0, 5], scores[10, 15], atol=1e-5)  # (0,0)->(1,1) vs (2,2)->(3,3)
+    assert torch.allclose(scores[1, 4], scores[6, 9], atol=1e-5)  # (0,1)->(1,0) vs (1,2)->(2,1)
+    assert not torch.allclose(scores[0, 5], scores[0, 6], atol=1e-3)
+
+
+def test_sincos_positions_are_distinct_and_bounded() -> None:
+    pos = sincos_pos_embed_2d(32, 4)
+    assert pos.shape == (16, 32)
+    assert pos.abs().max() <= 1.0
+    assert torch.cdist(pos, pos).add(torch.eye(16)).min() > 0.1
