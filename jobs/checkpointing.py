@@ -1,0 +1,152 @@
+"""Sharded training checkpoints: torch distributed checkpoint (DCP) on every rank, verified on load.
+
+Layout of one checkpoint directory (Ray Train merges the ranks' local directories into one on the
+run's storage, any fsspec/pyarrow URL):
+
+    .metadata, __<rank>_0.distcp   DCP's files: model, optimizer, EMA, ... each rank writes its shard
+    checksums.rank<r>.json          size and sha256 of every file rank r wrote
+    trainer_state.json              rank 0: step, epoch, world size, config name (written last)
+
+DCP re-shards on load, so a run may resume on a different number of workers. A checkpoint whose
+files are missing, truncated or altered fails :func:`verify_checkpoint` with a
+:class:`CheckpointError` naming the file, and :func:`restore_latest` falls back to the previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+CHECKSUM_PREFIX = "checksums.rank"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is incomplete or corrupted."""
+
+
+class ModelState(Stateful):
+    """A model (FSDP2-sharded or plain) and optionally its optimizer, as one DCP item."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": get_model_state_dict(self.model)}
+        if self.optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict["model"])
+        if self.optimizer is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, state_dict["optim"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any], trainer_state: dict[str, Any],
+                    *, rank: int, world_size: int) -> None:
+    """Write this rank's shard of ``state`` with DCP (a collective: every rank calls it), its
+    checksums, and on rank 0 the ``trainer_state`` JSON."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save(state, checkpoint_id=str(directory))
+    sums = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(CHECKSUM_PREFIX)
+            and p.name != TRAINER_STATE}
+    (directory / f"{CHECKSUM_PREFIX}{rank}.json").write_text(json.dumps(sums, indent=1))
+    if rank == 0:
+        record = dict(trainer_state, world_size=world_size)
+        (directory / TRAINER_STATE).write_text(json.dumps(record, indent=1))
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Check that every rank's files are present with their recorded size and sha256; return the
+    trainer state. Raises :class:`CheckpointError` naming the first problem found."""
+    directory = Path(directory)
+    state_file = directory / TRAINER_STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"checkpoint {directory}: {TRAINER_STATE} is missing (the save never "
+                              f"finished)")
+    try:
+        trainer_state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"checkpoint {directory}: {TRAINER_STATE} is not valid JSON ({error})")
+    world = int(trainer_state.get("world_size", 0))
+    for rank in range(world):
+        sums_file = directory / f"{CHECKSUM_PREFIX}{rank}.json"
+        if not sums_file.is_file():
+            raise CheckpointError(f"checkpoint {directory}: {sums_file.name} is missing; it was "
+                                  f"written by {world} ranks")
+        for name, expected in json.loads(sums_file.read_text()).items():
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {directory}: file {name} is missing")
+            size = path.stat().st_size
+            if size != expected["size"]:
+                raise CheckpointError(f"checkpoint {directory}: file {name} is {size} bytes, "
+                                      f"expected {expected['size']} (truncated or overwritten)")
+            if _sha256(path) != expected["sha256"]:
+                raise CheckpointError(f"checkpoint {directory}: file {name} fails its sha256 check "
+                                      f"(corrupted)")
+    return trainer_state
+
+
+def load_checkpoint(directory: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Verify, then load ``state`` in place from ``directory`` (re-sharding as needed); return the
+    trainer state saved with it."""
+    trainer_state = verify_checkpoint(directory)
+    try:
+        dcp.load(state, checkpoint_id=str(directory))
+    except Exception as error:  # DCP raises many types; name the checkpoint either way
+        raise CheckpointError(f"checkpoint {directory}: DCP could not load it: {error}") from error
+    return trainer_state
+
+
+def restore_latest(candidates: Iterable[Any], state: dict[str, Any],
+                   open_dir: Callable[[Any], Any]) -> dict[str, Any] | None:
+    """Load the newest valid checkpoint of ``candidates`` (newest first) into ``state``.
+
+    ``open_dir(candidate)`` is a context manager yielding a local directory (Ray's
+    ``Checkpoint.as_directory``). A corrupted checkpoint is logged with its error and skipped in
+    favour of the one before it. Returns the trainer state loaded, or None if none was valid.
+    """
+    for candidate in candidates:
+        with open_dir(candidate) as local:
+            try:
+                trainer_state = load_checkpoint(local, state)
+            except CheckpointError as error:
+                logger.error("%s; falling back to the previous checkpoint", error)
+                continue
+        trainer_state["restored_from"] = str(getattr(candidate, "path", candidate))
+        return trainer_state
+    return None
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """A sortable, readable directory name for the checkpoint taken after ``step`` steps."""
+    return f"checkpoint_step{step:09d}"

@@ -1,0 +1,38 @@
+"""The progress line every run prints (rank 0), with or without wandb: step, loss, throughput, ETA."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+@dataclass
+class Progress:
+    """Throughput and ETA over the steps taken in this process (a resumed run restarts the clock)."""
+
+    total_steps: int
+    global_batch: int
+    start_step: int = 0
+    clock: Callable[[], float] = time.monotonic
+    _t0: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._t0 = self.clock()
+
+    def line(self, step: int, epoch: float, metrics: dict[str, float]) -> str:
+        elapsed = max(self.clock() - self._t0, 1e-9)
+        done = step - self.start_step
+        steps_per_s = done / elapsed
+        images_per_s = steps_per_s * self.global_batch
+        eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        eta_text = format_duration(eta) if eta != float("inf") else "?"
+        return (f"step {step}/{self.total_steps} epoch {epoch:.2f} {shown} "
+                f"{images_per_s:.1f} img/s eta {eta_text}")

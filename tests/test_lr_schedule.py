@@ -1,0 +1,27 @@
+"""LR schedules: the reference values at the points a user would check."""
+import math
+
+import pytest
+
+from jobs.lr_schedule import LRSchedule
+
+
+def test_dit_schedule_holds_then_decays_linearly_to_final():
+    schedule = LRSchedule()  # paper: 2e-4 for 40 epochs, linear to 2e-5 at epoch 800
+    assert schedule(0) == schedule(40) == 2e-4
+    assert math.isclose(schedule(420), (2e-4 + 2e-5) / 2, rel_tol=1e-12)
+    assert schedule(800) == schedule(1000) == 2e-5
+
+
+def test_decoder_schedule_warms_up_then_follows_a_cosine():
+    schedule = LRSchedule(kind="warmup_cosine", base_lr=2e-4, final_lr=2e-5, warmup_epochs=1,
+                          decay_end_epoch=16)
+    assert schedule(0) == 0.0 and math.isclose(schedule(0.5), 1e-4)
+    assert math.isclose(schedule(1), 2e-4) and math.isclose(schedule(8.5), 1.1e-4)
+    assert math.isclose(schedule(16), 2e-5) and schedule(20) == 2e-5
+
+
+@pytest.mark.parametrize("kwargs", [dict(kind="step"), dict(base_lr=0), dict(hold_epochs=50, decay_end_epoch=40)])
+def test_bad_schedules_are_refused(kwargs):
+    with pytest.raises(ValueError, match="LRSchedule"):
+        LRSchedule(**kwargs)
