@@ -1,0 +1,253 @@
+"""The encode job: webdataset shards -> latent store, on Ray Data.
+
+    shards (one row each) -> decode + ADM crop (CPU tasks) -> encoder actor pool (GPU, or CPU)
+                          -> commit the shard (CPU tasks: Parquet part, partial moments, marker)
+
+Why one row per shard, read with our own tar reader instead of ``read_webdataset``: each shard is
+decoded, encoded and committed as a unit, so a killed job resumes exactly at shard granularity (no
+row lost or written twice), statistics are merged from per-shard float64 moments in shard order (a
+resumed store equals an uninterrupted one bit for bit), and every bad member and a truncated tar is
+recorded with its shard's name. The encoder actor micro-batches a shard's images itself.
+
+``memory://`` is visible to this process only, so for it the driver reads the shards and commits
+the results itself; decoding and encoding still run on Ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from pipelines import latent_store, storage
+from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
+from pipelines.shards import ShardInfo, list_shards, read_class_names
+from pipelines.storage import StorageOptions
+from rae.encoders import DEFAULT_ENCODER, RepresentationEncoder, load_encoder
+
+log = logging.getLogger(__name__)
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    shards: str
+    store: str
+    encoder: str = DEFAULT_ENCODER
+    weights: str | None = None            # a local .safetensors / torch file, readable on every worker
+    input_size: int | None = None         # encoder input size; None: the preset's (224 for DINOv2-B)
+    flip: bool = False                    # also store a horizontally flipped view (view=1)
+    latent_dtype: str = "float16"
+    batch_size: int = 64                  # images per encoder forward
+    device: str = "auto"                  # auto: one GPU per actor when the cluster has GPUs, else CPU
+    num_actors: int | None = None         # encoder pool size; None: number of GPUs (or 1 on CPU)
+    gpu_wait_s: float = 600.0             # how long GPU actors may take to start before the job fails
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    storage_options: StorageOptions | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.latent_dtype not in latent_store.LATENT_DTYPES:
+            raise ValueError(f"latent_dtype must be one of {sorted(latent_store.LATENT_DTYPES)}, "
+                             f"got {self.latent_dtype!r}")
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    store: str
+    shards: int
+    encoded_shards: int                   # committed by this run
+    rows: int
+    rejected: int
+    manifest: dict
+
+
+class LatentEncoder:
+    """Encoder actor: one shard's images in, its latents out, in the store dtype.
+
+    Loads the encoder once; uses CUDA when the actor got a usable GPU, CPU otherwise (a logical
+    Ray GPU without CUDA is not usable). bf16 autocast on GPU; the output is cast to the store dtype.
+    """
+
+    def __init__(self, encoder: str, weights: str | None, input_size: int | None, flip: bool,
+                 latent_dtype: str, batch_size: int, weights_digest: str):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder: RepresentationEncoder = load_encoder(encoder, weights=weights, input_size=input_size,
+                                                           device=self.device)
+        if self.encoder.weights_digest != weights_digest:
+            raise RuntimeError(f"encoder weights on this worker (sha256 {self.encoder.weights_digest[:12]}) differ "
+                               f"from the driver's ({weights_digest[:12]}); is {weights!r} the same file everywhere?")
+        self.flip, self.batch_size = flip, batch_size
+        self.dtype = latent_store.LATENT_DTYPES[latent_dtype][0]
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """(n, S, S, 3) uint8 -> (n, V, N, C) latents, V = 2 with the flipped view."""
+        outputs = []
+        for start in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(np.array(images[start:start + self.batch_size])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            views = [x, x.flip(-1)] if self.flip else [x]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                z = torch.stack([self.encoder(v).float() for v in views], dim=1)
+            outputs.append(z.cpu().numpy().astype(self.dtype))
+        if not outputs:
+            n, c = self.encoder.spec.latent_shape
+            return np.zeros((0, 2 if self.flip else 1, n, c), self.dtype)
+        return np.concatenate(outputs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        latents = self.encode(batch["images"][0])
+        return {"shard_index": batch["shard_index"], "meta": batch["meta"], "latents": latents[None]}
+
+
+def commit_shard_batch(batch: dict[str, np.ndarray], *, store: str, manifest: dict,
+                       storage_options: StorageOptions | None) -> dict[str, np.ndarray]:
+    """Write one encoded shard to the store; returns a one-row summary."""
+    index = int(batch["shard_index"][0])
+    meta = json.loads(batch["meta"][0])
+    marker = latent_store.write_shard(store, manifest, index, keys=meta["keys"], labels=meta["labels"],
+                                      latents=batch["latents"][0], rejected=meta["rejected"],
+                                      storage_options=storage_options)
+    return {"shard_index": np.array([index]), "rows": np.array([marker["rows"]]),
+            "rejected": np.array([len(marker["rejected"])])}
+
+
+def software_versions() -> dict:
+    versions = {}
+    for package in ("rae", "torch", "ray", "pyarrow", "timm", "pillow"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def plan_manifest(config: EncodeConfig, encoder: RepresentationEncoder, shards: list[ShardInfo],
+                  class_names: list[str] | None) -> dict:
+    spec = encoder.spec
+    return latent_store.new_manifest(
+        encoder={"name": spec.name, "timm_name": spec.timm_name, "weights_digest": encoder.weights_digest,
+                 "input_size": spec.input_size, "patch_size": spec.patch_size, "grid": spec.grid,
+                 "channels": spec.channels},
+        preprocessing={"crop": ADM_CROP, "image_size": spec.image_size, "color": "RGB (alpha over white)",
+                       "views": ["original", "hflip"] if config.flip else ["original"],
+                       "limits": dataclasses.asdict(config.limits)},
+        latent_dtype=config.latent_dtype, latent_shape=spec.latent_shape, shards=shards,
+        class_names=class_names, software=software_versions())
+
+
+def encode_to_store(config: EncodeConfig, *, encoder_cls: type = LatentEncoder) -> EncodeResult:
+    """Encode every shard not yet in the store, then finalize it. Idempotent and resumable.
+
+    A complete store with the same identity is returned untouched; a store made from other shards,
+    encoder or preprocessing raises ``StoreMismatchError`` naming each difference.
+    """
+    opts = config.storage_options
+    shards = list_shards(config.shards, opts)
+    class_names = read_class_names(shards, opts)
+    encoder = load_encoder(config.encoder, weights=config.weights, input_size=config.input_size, device="cpu")
+    wanted = plan_manifest(config, encoder, shards, class_names)
+    existing = latent_store.read_manifest(config.store, opts)
+    if existing is not None:
+        latent_store.check_compatible(existing, wanted, config.store)
+        if existing.get("status") == "complete":
+            log.info("store %s already holds these shards; nothing to do", config.store)
+            return EncodeResult(config.store, len(shards), 0, existing["rows"], existing["rejected"], existing)
+    latent_store.write_manifest(config.store, wanted, opts)
+
+    done = latent_store.done_markers(config.store, wanted, opts)
+    pending = [i for i in range(len(shards)) if i not in done]
+    if pending:
+        _run_pipeline(config, encoder, wanted, shards, pending, class_names, encoder_cls)
+    manifest = latent_store.finalize(config.store, wanted, opts)
+    return EncodeResult(config.store, len(shards), len(pending), manifest["rows"], manifest["rejected"], manifest)
+
+
+def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest: dict, shards: list[ShardInfo],
+                  pending: list[int], class_names: list[str] | None, encoder_cls: type) -> None:
+    opts = config.storage_options
+    shards_local = storage.is_process_local(storage.resolve(config.shards, opts)[0])
+    store_local = storage.is_process_local(storage.resolve(config.store, opts)[0])
+    if not ray.is_initialized():
+        ray.init()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = config.device == "gpu" or (config.device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:
+        log.warning("encoder actors ask for a GPU but the cluster has none now; waiting up to %ss for one "
+                    "(an autoscaler may add GPU nodes)", config.gpu_wait_s)
+    pool = config.num_actors or (max(1, gpus) if use_gpu else 1)
+
+    rows = []
+    for index in pending:
+        shard = shards[index]
+        row = {"shard_index": index, "shard_url": shard.url, "shard_name": shard.name, "shard_size": shard.size}
+        if shards_local:
+            fs, path = storage.resolve(shard.url, opts)
+            row["shard_bytes"] = fs.cat_file(path)
+        rows.append(row)
+    # A Dataset keeps the DataContext current at its creation: set the actor start timeout first, so a
+    # GPU request on a cluster without GPUs fails after gpu_wait_s instead of waiting forever.
+    context = ray.data.DataContext.get_current()
+    previous_wait = context.wait_for_min_actors_s
+    if use_gpu:
+        context.wait_for_min_actors_s = max(1, int(config.gpu_wait_s))
+    bar = tqdm(total=len(pending), unit="shard", desc="encode", disable=not config.progress)
+    try:
+        ds = _build_dataset(config, encoder, manifest, shards, pending, rows, class_names, encoder_cls,
+                            use_gpu=use_gpu, pool=pool, commit_on_workers=not store_local)
+        commit_kwargs = {"store": config.store, "manifest": manifest, "storage_options": opts}
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            summary = batch if not store_local else commit_shard_batch(batch, **commit_kwargs)
+            bar.update(1)
+            bar.set_postfix(rows=int(summary["rows"][0]), rejected=int(summary["rejected"][0]))
+    except ray.exceptions.GetTimeoutError as err:
+        if not use_gpu:
+            raise
+        raise RuntimeError(
+            f"encoder actors need 1 GPU each but none started within {config.gpu_wait_s:g}s; the cluster has "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPU(s) ({_resources()}). Add GPU workers, or pass "
+            f"--device cpu to encode on CPU.") from err
+    finally:
+        context.wait_for_min_actors_s = previous_wait
+        bar.close()
+
+
+def _build_dataset(config: EncodeConfig, encoder: RepresentationEncoder, manifest: dict, shards: list[ShardInfo],
+                   pending: list[int], rows: list[dict], class_names: list[str] | None, encoder_cls: type, *,
+                   use_gpu: bool, pool: int, commit_on_workers: bool):
+    opts = config.storage_options
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # A decode task holds a shard and its decoded crops: ask for that memory. Asking for it also
+    # keeps decoding a separate operator (a request the actor does not share) that overlaps the
+    # encoder, instead of being fused into the encoder actor.
+    decode_memory = max(64 * 2**20, 3 * max(shards[i].size for i in pending))
+    ds = ds.map_batches(decode_shard_batch, batch_size=1, num_cpus=1, memory=decode_memory, fn_kwargs={
+        "image_size": encoder.spec.image_size, "limits": config.limits,
+        "num_classes": len(class_names) if class_names else None, "storage_options": opts})
+    ds = ds.map_batches(
+        encoder_cls, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+        fn_constructor_kwargs={"encoder": config.encoder, "weights": config.weights,
+                               "input_size": encoder.spec.input_size, "flip": config.flip,
+                               "latent_dtype": config.latent_dtype, "batch_size": config.batch_size,
+                               "weights_digest": encoder.weights_digest},
+        **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
+    if commit_on_workers:
+        ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=0.25, fn_kwargs={
+            "store": config.store, "manifest": manifest, "storage_options": opts})
+    return ds
+
+
+def _resources() -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(ray.cluster_resources().items())
+                     if not k.startswith(("node:", "memory", "object_store")))

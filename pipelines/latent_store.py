@@ -1,0 +1,275 @@
+"""The latent store: layout, manifest, identity, per-shard commits and the final statistics.
+
+Layout under the store URL::
+
+    manifest.json            format, encoder, preprocessing, latent dtype/shape, shards, counts, parts
+    stats.safetensors        normalization statistics (rae.normalization.LatentStats), float64
+    rejected.jsonl           one {"shard", "key", "reason"} per input that was not encoded
+    parts/<shard-id>.parquet one part per source shard: key, label, view, latent
+    _progress/<shard-id>.json       the commit marker of a finished shard (rows, rejected, files)
+    _progress/<shard-id>.moments.npz that shard's partial moments (float64), merged in shard order
+
+``latent`` is ``fixed_size_list<float16>[N*C]``: row-major ``(N, C)`` with ``N = grid**2`` tokens,
+readable by plain pyarrow and reshaped from the manifest (``latent.shape``) alone.
+
+A shard counts as done only when its marker exists; the marker is written after the part and the
+moments, each written atomically, so a killed job leaves either a finished shard or nothing that is
+read. Readers use the parts listed in the manifest, never a directory listing. One encode job
+writes a store at a time.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines import storage
+from pipelines.shards import ShardInfo
+from pipelines.storage import StorageOptions
+from rae.normalization import LatentStats, MomentAccumulator
+
+FORMAT = "rae-latent-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATS = "stats.safetensors"
+REJECTED = "rejected.jsonl"
+PARTS_DIR = "parts"
+PROGRESS_DIR = "_progress"
+LATENT_COLUMN = "latent"
+LATENT_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+TARGET_ROW_GROUP_BYTES = 128 * 2**20
+
+
+class StoreMismatchError(ValueError):
+    """The store at a URL was made from other shards, another encoder or other preprocessing."""
+
+
+def shard_id(index: int, shard: ShardInfo) -> str:
+    stem = re.sub(r"\.(tar|tar\.gz|tgz)$", "", shard.name)
+    return f"{index:05d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}"
+
+
+def new_manifest(*, encoder: dict, preprocessing: dict, latent_dtype: str, latent_shape: tuple[int, int],
+                 shards: list[ShardInfo], class_names: list[str] | None, software: dict) -> dict:
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent dtype {latent_dtype!r} is not supported; use one of {sorted(LATENT_DTYPES)}")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "status": "in_progress",
+        "encoder": encoder,
+        "preprocessing": preprocessing,
+        "latent": {"column": LATENT_COLUMN, "dtype": latent_dtype, "shape": list(latent_shape),
+                   "layout": "fixed_size_list of N*C values, row-major (N tokens, C channels)"},
+        "shards": [{"url": s.url, "name": s.name, "size": s.size, "id": shard_id(i, s)} for i, s in enumerate(shards)],
+        "classes": class_names,
+        "num_classes": len(class_names) if class_names else None,
+        "software": software,
+    }
+
+
+def identity(manifest: dict) -> dict:
+    """What makes two stores the same: format, encoder, preprocessing, latent layout, shard names and sizes."""
+    return {
+        "format_version": manifest["format_version"],
+        "encoder": manifest["encoder"],
+        "preprocessing": manifest["preprocessing"],
+        "latent": {"dtype": manifest["latent"]["dtype"], "shape": list(manifest["latent"]["shape"])},
+        "shards": [f"{s['name']} ({s['size']} bytes)" for s in manifest["shards"]],
+    }
+
+
+def differences(have: Any, want: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values, one line per differing field."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        lines = []
+        for key in sorted(set(have) | set(want)):
+            lines += differences(have.get(key), want.get(key), f"{prefix}.{key}" if prefix else key)
+        return lines
+    if have == want:
+        return []
+    if isinstance(have, list) and isinstance(want, list) and max(len(have), len(want)) > 8:
+        have_set, want_set = set(map(str, have)), set(map(str, want))
+        extra, missing = sorted(have_set - want_set), sorted(want_set - have_set)
+        return [f"{prefix}: store has {extra[:3]}{'...' if len(extra) > 3 else ''} not asked for, "
+                f"this run asks for {missing[:3]}{'...' if len(missing) > 3 else ''} not in the store"]
+    return [f"{prefix}: store has {have!r}, this run asks for {want!r}"]
+
+
+def check_compatible(existing: dict, wanted: dict, url: str) -> None:
+    if existing.get("format") != FORMAT:
+        raise StoreMismatchError(f"{url} holds a {MANIFEST} that is not a {FORMAT} "
+                                 f"(format={existing.get('format')!r})")
+    diff = differences(identity(existing), identity(wanted))
+    if diff:
+        raise StoreMismatchError(f"store {url} was made differently; refusing to mix:\n  " + "\n  ".join(diff)
+                                 + "\nUse another --store URL, or the store's settings.")
+
+
+def read_manifest(url: str, storage_options: StorageOptions | None = None) -> dict | None:
+    fs, root = storage.resolve(url, storage_options)
+    path = storage.join(root, MANIFEST)
+    return storage.read_json(fs, path) if storage.exists(fs, path) else None
+
+
+def require_manifest(url: str, storage_options: StorageOptions | None = None) -> dict:
+    manifest = read_manifest(url, storage_options)
+    if manifest is None:
+        raise FileNotFoundError(f"no latent store at {url} (no {MANIFEST}); create one with `rae encode`")
+    return manifest
+
+
+def write_manifest(url: str, manifest: dict, storage_options: StorageOptions | None = None) -> None:
+    fs, root = storage.resolve(url, storage_options)
+    storage.write_json(fs, storage.join(root, MANIFEST), manifest)
+
+
+# ---------------------------------------------------------------- parts
+
+def latents_to_table(keys: list[str], labels: list[int], views: list[int], latents: np.ndarray) -> pa.Table:
+    """Rows of a part; ``latents`` is (R, N, C) in a store dtype."""
+    rows, tokens, channels = latents.shape
+    flat = pa.array(np.ascontiguousarray(latents).reshape(-1))
+    table = pa.table({
+        "key": pa.array(keys, pa.string()),
+        "label": pa.array(labels, pa.int64()),
+        "view": pa.array(views, pa.int8()),
+        LATENT_COLUMN: pa.FixedSizeListArray.from_arrays(flat, tokens * channels),
+    })
+    meta = {b"rae.latent_shape": json.dumps([tokens, channels]).encode()}
+    return table.replace_schema_metadata(meta)
+
+
+def table_latents(table: pa.Table | pa.RecordBatch, shape: tuple[int, int] | list[int]) -> np.ndarray:
+    """The latent column of ``table`` as an (R, N, C) array (no copy when the column is one chunk)."""
+    column = table.column(LATENT_COLUMN)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    values = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunks]
+    flat = values[0] if len(values) == 1 else np.concatenate(values) if values else np.zeros(0, np.float16)
+    return flat.reshape(-1, *shape)
+
+
+def write_shard(store_url: str, manifest: dict, index: int, *, keys: list[str], labels: list[int],
+                latents: np.ndarray, rejected: list[dict], storage_options: StorageOptions | None = None) -> dict:
+    """Commit one shard: its Parquet part, its partial moments, then its marker. Returns the marker.
+
+    ``latents`` is (n, V, N, C) for n images and V views. Images whose latent holds NaN or inf
+    (an encoder overflow) are not written; they are added to ``rejected``.
+    """
+    fs, root = storage.resolve(store_url, storage_options)
+    shard = manifest["shards"][index]
+    sid = shard["id"]
+    finite = np.isfinite(latents.reshape(len(keys), -1)).all(axis=1) if len(keys) else np.zeros(0, bool)
+    rejected = list(rejected) + [{"shard": shard["url"], "key": k, "reason": "non-finite latent (NaN or inf)"}
+                                 for k, ok in zip(keys, finite) if not ok]
+    keep = np.flatnonzero(finite)
+    views = latents.shape[1] if latents.ndim == 4 else 1
+    kept = latents[keep].reshape(-1, *latents.shape[-2:])
+    marker = {"shard": shard["url"], "id": sid, "images": int(len(keep)), "rows": int(len(kept)),
+              "rejected": rejected, "part": None, "moments": None}
+    if len(kept):
+        table = latents_to_table([keys[i] for i in keep for _ in range(views)],
+                                 [labels[i] for i in keep for _ in range(views)],
+                                 [v for _ in keep for v in range(views)], kept)
+        marker["part"] = f"{PARTS_DIR}/{sid}.parquet"
+        row_bytes = max(1, kept[0].nbytes)
+        with storage.open_atomic(fs, storage.join(root, marker["part"])) as handle:
+            pq.write_table(table, handle, row_group_size=max(1, TARGET_ROW_GROUP_BYTES // row_bytes))
+        moments = MomentAccumulator()
+        moments.update(torch.from_numpy(kept.astype(np.float64)))
+        marker["moments"] = f"{PROGRESS_DIR}/{sid}.moments.npz"
+        buffer = io.BytesIO()
+        np.savez(buffer, **_state_arrays(moments.to_state()))
+        storage.write_bytes(fs, storage.join(root, marker["moments"]), buffer.getvalue())
+    storage.write_json(fs, storage.join(root, PROGRESS_DIR, f"{sid}.json"), marker)
+    return marker
+
+
+def _state_arrays(state: dict) -> dict[str, np.ndarray]:
+    return {key: np.asarray(value) for key, value in state.items()}
+
+
+def _load_moments(fs, path: str) -> MomentAccumulator:
+    with fs.open(path, "rb") as handle, np.load(io.BytesIO(handle.read())) as npz:
+        state = {key: npz[key] for key in npz.files}
+    for key, value in state.items():
+        if value.ndim == 0:
+            state[key] = value.item()
+    return MomentAccumulator.from_state(state)
+
+
+def done_markers(store_url: str, manifest: dict, storage_options: StorageOptions | None = None) -> dict[int, dict]:
+    """Markers of the shards already committed, by shard index."""
+    fs, root = storage.resolve(store_url, storage_options)
+    progress = storage.join(root, PROGRESS_DIR)
+    fs.invalidate_cache(progress)
+    present = {p.rsplit("/", 1)[-1] for p in fs.ls(progress, detail=False)} if fs.exists(progress) else set()
+    markers = {}
+    for index, shard in enumerate(manifest["shards"]):
+        if f"{shard['id']}.json" in present:
+            markers[index] = storage.read_json(fs, storage.join(progress, f"{shard['id']}.json"))
+    return markers
+
+
+def finalize(store_url: str, manifest: dict, storage_options: StorageOptions | None = None) -> dict:
+    """Merge every shard's moments (in shard order, so a resumed job gives the same bits), write the
+    statistics, the rejected list and the completed manifest."""
+    fs, root = storage.resolve(store_url, storage_options)
+    markers = done_markers(store_url, manifest, storage_options)
+    missing = [s["name"] for i, s in enumerate(manifest["shards"]) if i not in markers]
+    if missing:
+        raise RuntimeError(f"store {store_url}: cannot finalize, shards not encoded yet: {missing[:5]}")
+    total: MomentAccumulator | None = None
+    parts, rejected = [], []
+    for index in range(len(manifest["shards"])):
+        marker = markers[index]
+        rejected += marker["rejected"]
+        if marker["part"] is None:
+            continue
+        parts.append({"path": marker["part"], "rows": marker["rows"], "shard": marker["shard"]})
+        moments = _load_moments(fs, storage.join(root, marker["moments"]))
+        if total is None:
+            total = moments
+        else:
+            total.merge(moments)
+    if total is None:
+        raise ValueError(f"store {store_url}: no image in {len(manifest['shards'])} shard(s) could be encoded; "
+                         f"see the {len(rejected)} rejected inputs, e.g. {rejected[:3]}")
+    stats = total.to_stats()
+    storage.write_bytes(fs, storage.join(root, STATS), _stats_bytes(stats))
+    storage.write_bytes(fs, storage.join(root, REJECTED), "".join(json.dumps(r) + "\n" for r in rejected).encode())
+    done = dict(manifest)
+    done.update({
+        "status": "complete",
+        "parts": parts,
+        "rows": sum(p["rows"] for p in parts),
+        "images": sum(m["images"] for m in markers.values()),
+        "rejected": len(rejected),
+        "stats": {"path": STATS, "count": int(stats.count), "eps": stats.eps, "has_mean": stats.mean is not None},
+        "rejected_list": REJECTED,
+    })
+    write_manifest(store_url, done, storage_options)
+    return done
+
+
+def _stats_bytes(stats: LatentStats) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / STATS
+        stats.save(path)
+        return path.read_bytes()
+
+
+def load_stats(store_url: str, manifest: dict, storage_options: StorageOptions | None = None) -> LatentStats:
+    fs, root = storage.resolve(store_url, storage_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / STATS
+        path.write_bytes(fs.cat_file(storage.join(root, manifest["stats"]["path"])))
+        return LatentStats.load(path)

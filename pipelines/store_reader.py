@@ -1,0 +1,123 @@
+"""Reading a latent store: plain pyarrow for tools, a Ray Dataset for training.
+
+Both read only the parts the manifest lists, and refuse a store whose encode has not finished.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import latent_store, storage
+from pipelines.storage import StorageOptions
+from rae.normalization import LatentStats
+
+
+@dataclass
+class LatentStore:
+    """An opened, complete store: its manifest, statistics and the URLs of its parts."""
+    url: str
+    manifest: dict
+    stats: LatentStats
+    parts: list[str]                       # full URLs, in manifest order
+    storage_options: StorageOptions | None = None
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        n, c = self.manifest["latent"]["shape"]
+        return int(n), int(c)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.manifest.get("num_classes")
+
+
+def open_store(url: str, storage_options: StorageOptions | None = None) -> LatentStore:
+    manifest = latent_store.require_manifest(url, storage_options)
+    if manifest.get("status") != "complete":
+        raise ValueError(f"store {url} is not complete (status {manifest.get('status')!r}); "
+                         f"rerun `rae encode` with the same arguments to finish it")
+    fs, root = storage.resolve(url, storage_options)
+    parts = [storage.to_url(fs, storage.join(root, p["path"])) for p in manifest["parts"]]
+    return LatentStore(url, manifest, latent_store.load_stats(url, manifest, storage_options), parts, storage_options)
+
+
+def iter_part_tables(store: LatentStore, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """(part URL, table) for every part, read with plain pyarrow through fsspec."""
+    for url in store.parts:
+        fs, path = storage.resolve(url, store.storage_options)
+        with fs.open(path, "rb") as handle:
+            yield url, pq.read_table(handle, columns=columns)
+
+
+def read_latents(url: str, *, normalize: bool = False, storage_options: StorageOptions | None = None,
+                 ) -> dict[str, np.ndarray]:
+    """The whole store in memory, no Ray: ``key`` (R,), ``label`` (R,), ``view`` (R,), ``latent`` (R, N, C).
+
+    Latents come back in the store dtype, or float32 normalized with the store's statistics.
+    For tools and small stores; training reads with ``latent_dataset``.
+    """
+    store = open_store(url, storage_options)
+    keys, labels, views, latents = [], [], [], []
+    for _, table in iter_part_tables(store):
+        keys.append(table.column("key").to_numpy(zero_copy_only=False))
+        labels.append(table.column("label").to_numpy())
+        views.append(table.column("view").to_numpy())
+        latents.append(latent_store.table_latents(table, store.latent_shape))
+    z = np.concatenate(latents)
+    return {"key": np.concatenate(keys), "label": np.concatenate(labels), "view": np.concatenate(views),
+            "latent": normalize_numpy(z, store.stats) if normalize else z}
+
+
+def normalize_numpy(latents: np.ndarray, stats: LatentStats) -> np.ndarray:
+    """``(z - mean) / sqrt(var + eps)`` in float64, returned as float32; ``latents`` is (B, N, C)."""
+    scale = 1.0 / np.sqrt(stats.var.double().numpy() + stats.eps)
+    z = latents.astype(np.float64)
+    if stats.mean is not None:
+        z = z - stats.mean.double().numpy()
+    return (z * scale).astype(np.float32)
+
+
+def _to_training_batch(batch: pa.Table, *, shape: tuple[int, int], stats: LatentStats | None,
+                      views: list[int] | None) -> dict[str, np.ndarray]:
+    """Ray Data batch function: Arrow rows of a part -> ``latent`` float32 (B, N, C), ``label`` int64."""
+    if views is not None:
+        batch = batch.filter(pc.is_in(batch.column("view"), pa.array(views, pa.int8())))
+    z = latent_store.table_latents(batch, shape)
+    z = normalize_numpy(z, stats) if stats is not None else z.astype(np.float32)
+    return {"latent": z, "label": batch.column("label").to_numpy().astype(np.int64)}
+
+
+def latent_dataset(url: str, *, normalize: bool = True, views: tuple[int, ...] | None = None,
+                   shuffle_seed: int | None = 0, shuffle_files: bool = True,
+                   storage_options: StorageOptions | None = None):
+    """The store as a Ray Dataset of ``latent`` (float32, (N, C), normalized) and ``label`` (int64).
+
+    With ``shuffle_files`` the part order is reshuffled on every execution (every epoch), seeded by
+    ``shuffle_seed``; add ``local_shuffle_buffer_size`` when iterating for row-level mixing.
+    ``views=(0,)`` keeps only the original images of a store made with flips. Ready for
+    ``TorchTrainer(datasets={"train": ...})`` and ``iter_torch_batches``.
+    """
+    import ray
+    from ray.data.datasource import FileShuffleConfig
+
+    store = open_store(url, storage_options)
+    fs, _ = storage.resolve(url, storage_options)
+    if storage.is_process_local(fs):
+        raise ValueError(f"store {url}: a memory:// store lives in this process only and Ray workers cannot read "
+                         f"it; use read_latents() here, or put the store on file://, s3:// or gs://")
+    paths = [storage.resolve(p, storage_options)[1] for p in store.parts]
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_files else None
+    columns = ["label", "view", latent_store.LATENT_COLUMN]
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(columns)
+    return ds.map_batches(_to_training_batch, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs={
+        "shape": store.latent_shape, "stats": store.stats if normalize else None,
+        "views": sorted({int(v) for v in views}) if views is not None else None})

@@ -1,0 +1,170 @@
+"""Bad input in shards: each case is converted correctly or rejected with its shard, key and reason."""
+import io
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.image_decode import DecodeLimits, center_crop_arr, decode_image, decode_shard
+from pipelines.shards import ShardInfo
+
+SIZE = 32
+LIMITS = DecodeLimits(min_side=8, max_pixels=1_000_000)
+
+
+def encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def rgb_jpeg(seed: int = 0, size: tuple[int, int] = (40, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(rng.integers(0, 255, (*size, 3), dtype=np.uint8), "JPEG")
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = len(data), kind, link
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def write_tar(path, members) -> ShardInfo:
+    with tarfile.open(path, "w") as tar:
+        for member in members:
+            add(tar, *member)
+    return ShardInfo(str(path), path.name, path.stat().st_size)
+
+
+CATEGORIES = ("not an image", "corrupt or truncated image", "no image member", "unsafe path", "not a regular file",
+              "missing label", "invalid label", "image too small", "image too large", "duplicate key", "truncated tar",
+              "not a readable tar archive")
+
+
+def reasons(decoded) -> Counter:
+    """Rejections counted by the category their reason starts with (the reason itself when none fits)."""
+    return Counter(next((c for c in CATEGORIES if r["reason"].startswith(c)), r["reason"]) for r in decoded.rejected)
+
+
+@pytest.fixture()
+def bad_shard(tmp_path) -> ShardInfo:
+    huge = encode(np.zeros((1200, 1000), np.uint8), "PNG")  # 1.2 MP, a few KB: a small decompression bomb
+    return write_tar(tmp_path / "bad.tar", [
+        ("good.jpg", rgb_jpeg()), ("good.cls", b"1"),
+        ("corrupt.jpg", b"\xff\xd8 this is not a jpeg"), ("corrupt.cls", b"0"),
+        ("truncated.jpg", rgb_jpeg(1)[:300]), ("truncated.cls", b"0"),
+        ("notes.txt", b"hello"), ("notes.cls", b"0"),
+        ("../escape.jpg", rgb_jpeg(2)), ("../escape.cls", b"0"),
+        ("/abs/olute.jpg", rgb_jpeg(3)), ("/abs/olute.cls", b"0"),
+        ("link.jpg", b"", tarfile.SYMTYPE, "/etc/passwd"),
+        ("nolabel.jpg", rgb_jpeg(4)),
+        ("badlabel.jpg", rgb_jpeg(5)), ("badlabel.cls", b"cat"),
+        ("tiny.png", encode(np.zeros((4, 4, 3), np.uint8), "PNG")), ("tiny.cls", b"0"),
+        ("huge.png", huge), ("huge.cls", b"0"),
+        ("good.json", b"{}"),  # the key 'good' again, not contiguous
+    ])
+
+
+def test_bad_members_are_rejected_with_shard_key_and_reason(bad_shard):
+    decoded = decode_shard(bad_shard, image_size=SIZE, limits=LIMITS)
+
+    assert decoded.keys == ["good"] and decoded.labels == [1]
+    assert decoded.images.shape == (1, SIZE, SIZE, 3) and decoded.images.dtype == np.uint8
+    assert reasons(decoded) == Counter({
+        "not an image": 1, "corrupt or truncated image": 1, "no image member": 1, "unsafe path": 4,
+        "not a regular file": 1, "missing label": 1, "invalid label": 1, "image too small": 1, "image too large": 1,
+        "duplicate key": 1,
+    })
+    assert {r["shard"] for r in decoded.rejected} == {bad_shard.url}
+    by_key = {r["key"]: r["reason"] for r in decoded.rejected}
+    assert by_key["corrupt"] == "not an image (unrecognised data)"
+    assert by_key["link.jpg"] == "not a regular file (symlink)"
+    assert by_key["nolabel"].startswith("missing label")
+    assert by_key["good"].startswith("duplicate key")
+
+
+def test_label_out_of_range_is_rejected_when_the_class_count_is_known(tmp_path):
+    shard = write_tar(tmp_path / "s.tar", [("a.jpg", rgb_jpeg()), ("a.cls", b"7")])
+    decoded = decode_shard(shard, image_size=SIZE, limits=LIMITS, num_classes=5)
+    assert decoded.keys == [] and decoded.rejected[0]["reason"] == "label 7 out of range [0, 5)"
+
+
+def test_truncated_tar_keeps_complete_samples_and_names_the_shard(tmp_path):
+    members = [m for i in range(3) for m in ((f"s{i}.jpg", rgb_jpeg(i, (60, 60))), (f"s{i}.cls", b"0"))]
+    full = write_tar(tmp_path / "full.tar", members)
+    with tarfile.open(full.url) as tar:
+        s2 = tar.getmember("s2.jpg")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes((tmp_path / "full.tar").read_bytes()[: s2.offset_data + s2.size // 2])
+
+    decoded = decode_shard(ShardInfo(str(cut), cut.name, cut.stat().st_size), image_size=SIZE, limits=LIMITS)
+
+    assert decoded.keys == ["s0", "s1"]
+    assert reasons(decoded) == Counter({"truncated tar": 1})
+    assert decoded.rejected[0]["shard"] == str(cut) and decoded.rejected[0]["key"] == "s2"
+
+
+def test_a_file_that_is_not_a_tar_is_reported_by_name(tmp_path):
+    path = tmp_path / "junk.tar"
+    path.write_bytes(b"\x00\x01 not a tar at all" * 10)
+    decoded = decode_shard(ShardInfo(str(path), path.name, path.stat().st_size), image_size=SIZE, limits=LIMITS)
+    assert decoded.keys == []
+    assert [(r["shard"], r["reason"].split(":")[0]) for r in decoded.rejected] == [
+        (str(path), "not a readable tar archive")]
+
+
+def test_grayscale_becomes_equal_rgb_channels():
+    gray = np.tile(np.arange(0, 240, 6, dtype=np.uint8), (40, 1))
+    out = decode_image(encode(gray, "PNG"), 40, LIMITS)
+    assert out.shape == (40, 40, 3)
+    np.testing.assert_array_equal(out[..., 0], gray)
+    np.testing.assert_array_equal(out[..., 1], out[..., 0])
+    np.testing.assert_array_equal(out[..., 2], out[..., 0])
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    values = np.full((32, 32), 257 * 100, np.uint16)  # 100/255 of full scale
+    data = encode(values, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")  # really a 16-bit file
+    out = decode_image(data, 32, LIMITS)
+    np.testing.assert_array_equal(out, np.full((32, 32, 3), 100, np.uint8))
+
+
+def test_transparent_pixels_become_white_and_opaque_pixels_keep_their_colour():
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, 16:] = (10, 20, 30, 255)
+    out = decode_image(encode(rgba, "PNG"), 32, LIMITS)
+    np.testing.assert_array_equal(out[:, :14], 255)
+    np.testing.assert_array_equal(out[:, 18:], np.broadcast_to([10, 20, 30], (32, 14, 3)))
+
+
+def test_cmyk_jpeg_converts_like_pillow():
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))  # pure red in CMYK
+    buffer = io.BytesIO()
+    cmyk.save(buffer, format="JPEG", quality=100)
+    out = decode_image(buffer.getvalue(), 32, LIMITS)
+    assert out.shape == (32, 32, 3)
+    red, green, blue = out[..., 0].mean(), out[..., 1].mean(), out[..., 2].mean()
+    assert red > 240 and green < 15 and blue < 15
+
+
+def test_palette_image_is_converted():
+    image = Image.new("P", (32, 32))
+    image.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    image.paste(1, (0, 0, 32, 32))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), 32, LIMITS), np.full((32, 32, 3), (200, 100, 50)))
+
+
+def test_adm_center_crop_takes_the_middle_of_a_wide_image():
+    third = 64
+    wide = np.zeros((third, 3 * third, 3), np.uint8)
+    wide[:, :third] = (255, 0, 0)
+    wide[:, third:2 * third] = (0, 255, 0)
+    wide[:, 2 * third:] = (0, 0, 255)
+    crop = center_crop_arr(Image.fromarray(wide), 32)  # box-halved once, then cropped
+    assert crop.shape == (32, 32, 3)
+    np.testing.assert_array_equal(crop[:, 2:-2], np.broadcast_to([0, 255, 0], (32, 28, 3)))

@@ -1,0 +1,285 @@
+"""The encode job on a local 2-CPU Ray cluster: shards -> latent store -> read back.
+
+Encoder: the real offline DINOv2-S at 56 px (4x4 grid, 16 tokens x 384 channels), 64 px crops.
+Latents are stored as float16, so stored values match the encoder applied directly within float16
+rounding: |stored - direct| <= 1e-3 |direct| + 1e-4 (float16 has a relative step of 2**-11 ~ 4.9e-4).
+"""
+import io
+import json
+import os
+import tarfile
+import time
+
+import fsspec
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+from s3_server import s3_server
+
+from pipelines import latent_store
+from pipelines.encode import EncodeConfig, LatentEncoder, encode_to_store
+from pipelines.image_decode import decode_image
+from pipelines.latent_store import StoreMismatchError
+from pipelines.shards import ShardInfo, make_shards
+from pipelines.store_check import verify_store
+from pipelines.store_reader import latent_dataset, open_store, read_latents
+from rae.encoders import load_encoder
+
+pytestmark = pytest.mark.slow
+ENCODER, INPUT_SIZE, IMAGE_SIZE = "dinov2-s-offline", 56, 64
+CLASSES = ("ant", "bee")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as endpoint:  # before ray.init, so workers inherit the S3 environment
+        yield endpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster(s3):
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("images")
+    for c in CLASSES:
+        (root / c).mkdir()
+        for i in range(5):
+            size = (48 + 8 * i, 72 - 4 * i)
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / c / f"{c}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(image_folder, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("shards")
+    make_shards(str(image_folder), str(dest), max_count=4, progress=False)  # 3 shards: 4 + 4 + 2 images
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder(ENCODER, input_size=INPUT_SIZE)
+
+
+def config(shards: str, store: str, **overrides) -> EncodeConfig:
+    return EncodeConfig(**{"shards": shards, "store": store, "encoder": ENCODER, "input_size": INPUT_SIZE,
+                           "flip": True, "batch_size": 3, "progress": False, **overrides})
+
+
+@pytest.fixture(scope="module")
+def file_store(shards, tmp_path_factory):
+    store = f"file://{tmp_path_factory.mktemp('stores')}/file-store"
+    result = encode_to_store(config(shards, store))
+    assert result.encoded_shards == 3
+    return store
+
+
+@pytest.fixture(scope="module")
+def direct(encoder, image_folder) -> dict[tuple[str, int], np.ndarray]:
+    """The encoder applied directly (float32) to each image and its mirror image, by (key, view)."""
+    keys = [f"{c}/{c}_{i}" for c in CLASSES for i in range(5)]
+    crops = [decode_image((image_folder / f"{k}.png").read_bytes(), IMAGE_SIZE) for k in keys]
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        views = encoder(x).numpy(), encoder(x.flip(-1)).numpy()
+    return {(k, v): views[v][i] for i, k in enumerate(keys) for v in (0, 1)}
+
+
+def test_store_holds_the_encoder_output_for_every_image(file_store, direct):
+    data = read_latents(file_store)
+    assert data["latent"].shape == (20, 16, 384) and data["latent"].dtype == np.float16
+    assert sorted(zip(data["key"], data["view"])) == sorted(direct)
+    for key, view, label, latent in zip(data["key"], data["view"], data["label"], data["latent"]):
+        assert label == CLASSES.index(key.split("/")[0])
+        want = direct[key, view]
+        assert np.all(np.abs(latent.astype(np.float64) - want) <= 1e-3 * np.abs(want) + 1e-4), (key, view)
+
+
+def test_manifest_records_encoder_preprocessing_shards_and_counts(file_store, encoder, shards):
+    manifest = open_store(file_store).manifest
+    assert manifest["status"] == "complete" and manifest["rows"] == 20 and manifest["images"] == 10
+    assert manifest["encoder"]["weights_digest"] == encoder.weights_digest
+    assert (manifest["encoder"]["grid"], manifest["encoder"]["channels"]) == (4, 384)
+    assert manifest["preprocessing"]["image_size"] == IMAGE_SIZE and manifest["latent"]["shape"] == [16, 384]
+    assert [s["size"] for s in manifest["shards"]] == [os.path.getsize(f"{shards}/{s['name']}")
+                                                       for s in manifest["shards"]]
+    assert manifest["rejected"] == 0 and manifest["classes"] == list(CLASSES)
+    assert verify_store(file_store).problems == []
+
+
+def test_stats_are_the_moments_of_the_stored_latents(file_store):
+    stored = open_store(file_store).stats
+    z = read_latents(file_store)["latent"].astype(np.float64)
+    assert stored.count == 20
+    np.testing.assert_allclose(stored.mean.numpy(), z.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stored.var.numpy(), z.var(0), rtol=1e-9, atol=1e-12)
+
+
+def test_training_dataset_yields_normalized_latents_and_labels(file_store):
+    store = open_store(file_store)
+    raw = read_latents(file_store)
+    expected = {(k, int(v)): store.stats.normalize(torch.from_numpy(z.astype(np.float32)))
+                for k, v, z in zip(raw["key"], raw["view"], raw["latent"])}
+    batches = list(latent_dataset(file_store).iter_torch_batches(batch_size=8))
+    latents = torch.cat([b["latent"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    assert latents.shape == (20, 16, 384) and latents.dtype == torch.float32 and labels.dtype == torch.int64
+    # over the whole store: mean 0, variance var / (var + eps) per position and channel
+    torch.testing.assert_close(latents.double().mean(0), torch.zeros(16, 384, dtype=torch.float64), atol=1e-5, rtol=0)
+    var = store.stats.var
+    torch.testing.assert_close(latents.double().var(0, unbiased=False), var / (var + store.stats.eps), atol=1e-4, rtol=1e-4)
+    assert all(any(torch.allclose(z, e, atol=1e-5) for e in expected.values()) for z in latents[:4])
+    assert sorted(labels.tolist()) == sorted(raw["label"].tolist())
+
+
+def test_training_dataset_reshuffles_part_order_every_epoch(tmp_path):
+    manifest = latent_store.new_manifest(
+        encoder={"name": "synthetic"}, preprocessing={"views": ["original"]}, latent_dtype="float16",
+        latent_shape=(2, 3), shards=[ShardInfo(f"file:///s{i}.tar", f"s{i}.tar", 1) for i in range(8)],
+        class_names=None, software={})
+    for index in range(8):  # one part per shard; its label is the shard index
+        latent_store.write_shard(str(tmp_path), manifest, index, keys=[f"{index}/a", f"{index}/b"], labels=[index] * 2,
+                                 latents=np.full((2, 1, 2, 3), index, np.float16), rejected=[])
+    latent_store.finalize(str(tmp_path), manifest)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # row order = file order, so only the shuffle changes it
+    try:
+        ds = latent_dataset(str(tmp_path), normalize=False, shuffle_seed=1)
+        epochs = [[int(row["label"]) for row in ds.iter_rows()] for _ in range(2)]
+    finally:
+        context.execution_options.preserve_order = False
+    in_order = [i for i in range(8) for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == in_order
+    assert epochs[0] != epochs[1] and in_order not in epochs
+
+
+def test_training_dataset_can_keep_only_original_views(file_store):
+    assert latent_dataset(file_store, views=(0,)).count() == 10
+
+
+def test_rerun_on_a_complete_store_does_no_work(file_store, shards):
+    root = fsspec.core.url_to_fs(file_store)[1]
+    before = {p: os.path.getmtime(f"{root}/parts/{p}") for p in os.listdir(f"{root}/parts")}
+    start = time.monotonic()
+    result = encode_to_store(config(shards, file_store))
+    assert result.encoded_shards == 0 and result.rows == 20
+    assert {p: os.path.getmtime(f"{root}/parts/{p}") for p in os.listdir(f"{root}/parts")} == before
+    assert time.monotonic() - start < 15
+
+
+def test_cli_encode_flags_reach_the_job(file_store, shards, capsys):
+    import argparse
+
+    from jobs.cli_data import register
+
+    parser = argparse.ArgumentParser(prog="rae")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["encode", "--shards", shards, "--store", file_store, "--encoder", ENCODER,
+                              "--input-size", str(INPUT_SIZE), "--flip", "--no-progress"])
+    assert args.func(args) == 0
+    assert "already complete, nothing to do: 0/3 shards" in capsys.readouterr().out
+
+
+def test_a_store_made_differently_is_refused_naming_the_difference(file_store, shards):
+    with pytest.raises(StoreMismatchError, match=r"preprocessing\.views: store has \['original', 'hflip'\]"):
+        encode_to_store(config(shards, file_store, flip=False))
+    with pytest.raises(StoreMismatchError, match=r"encoder\.input_size: store has 56, this run asks for 42"):
+        encode_to_store(config(shards, file_store, input_size=42))
+
+
+def test_killed_encode_resumes_to_the_same_store(file_store, shards, tmp_path):
+    store = f"file://{tmp_path}/killed"
+    progress = tmp_path / "killed" / latent_store.PROGRESS_DIR
+
+    class DiesOnSecondShard(LatentEncoder):
+        calls = 0
+
+        def __call__(self, batch):
+            self.calls += 1
+            if self.calls == 2:  # die once the first shard is committed
+                deadline = time.monotonic() + 60
+                while not (progress.exists() and any(p.suffix == ".json" for p in progress.iterdir())):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                raise RuntimeError("injected failure")
+            return super().__call__(batch)
+
+    with pytest.raises(Exception, match="injected failure"):
+        encode_to_store(config(shards, store, num_actors=1), encoder_cls=DiesOnSecondShard)
+    done = len([p for p in progress.iterdir() if p.suffix == ".json"])
+    assert 1 <= done < 3 and json.loads((tmp_path / "killed" / "manifest.json").read_text())["status"] == "in_progress"
+
+    result = encode_to_store(config(shards, store))
+    assert result.encoded_shards == 3 - done
+
+    resumed, reference = read_latents(store), read_latents(file_store)
+    order_a, order_b = np.lexsort((resumed["view"], resumed["key"])), np.lexsort((reference["view"], reference["key"]))
+    for column in ("key", "view", "label", "latent"):
+        np.testing.assert_array_equal(resumed[column][order_a], reference[column][order_b])
+    a, b = open_store(store).stats, open_store(file_store).stats
+    assert a.count == b.count and torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var)
+
+
+def test_memory_storage_runs_with_driver_side_io(image_folder, file_store):
+    make_shards(str(image_folder), "memory://enc/shards", max_count=4, progress=False)
+    result = encode_to_store(config("memory://enc/shards", "memory://enc/store"))
+    assert result.rows == 20
+    got, want = read_latents("memory://enc/store"), read_latents(file_store)
+    np.testing.assert_array_equal(got["latent"][np.lexsort((got["view"], got["key"]))],
+                                  want["latent"][np.lexsort((want["view"], want["key"]))])
+    with pytest.raises(ValueError, match="memory:// store lives in this process only"):
+        latent_dataset("memory://enc/store")
+
+
+def test_s3_shards_and_store(image_folder, s3):
+    make_shards(str(image_folder), "s3://rae-test/enc/shards", max_count=4, progress=False)
+    result = encode_to_store(config("s3://rae-test/enc/shards", "s3://rae-test/enc/store", flip=False))
+    assert (result.encoded_shards, result.rows) == (3, 10)
+    assert verify_store("s3://rae-test/enc/store").problems == []
+    assert sum(1 for _ in latent_dataset("s3://rae-test/enc/store").iter_rows()) == 10
+
+
+def write_tar(path, members) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_inputs_are_recorded_and_the_job_finishes(tmp_path, image_folder):
+    good = (image_folder / "ant" / "ant_0.png").read_bytes()
+    (tmp_path / "sh").mkdir()
+    write_tar(tmp_path / "sh" / "a.tar", [("ok.png", good), ("ok.cls", b"0"), ("bad.png", b"garbage"),
+                                          ("bad.cls", b"0"), ("../up.png", good), ("nolabel.png", good)])
+    write_tar(tmp_path / "sh" / "b.tar", [("b_ok.png", good), ("b_ok.cls", b"1"), ("b_cut.png", good)])
+    with tarfile.open(tmp_path / "sh" / "b.tar") as tar:
+        cut = tar.getmember("b_cut.png")
+    whole = (tmp_path / "sh" / "b.tar").read_bytes()
+    (tmp_path / "sh" / "b.tar").write_bytes(whole[: cut.offset_data + cut.size // 2])
+
+    result = encode_to_store(config(str(tmp_path / "sh"), str(tmp_path / "store"), flip=False))
+
+    assert (result.rows, result.rejected) == (2, 4)
+    assert sorted(read_latents(str(tmp_path / "store"))["key"]) == ["b_ok", "ok"]
+    lines = [json.loads(line) for line in (tmp_path / "store" / "rejected.jsonl").read_text().splitlines()]
+    summary = sorted((r["shard"].rsplit("/", 1)[-1], r["key"], r["reason"].split(" (")[0].split(":")[0]) for r in lines)
+    assert summary == [
+        ("a.tar", "../up.png", "unsafe path '../up.png'"), ("a.tar", "bad", "not an image"),
+        ("a.tar", "nolabel", "missing label"), ("b.tar", "b_cut", "truncated tar")]
+
+
+def test_gpu_request_without_gpus_fails_fast_with_a_clear_message(shards, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="need 1 GPU each but none started within 3s"):
+        encode_to_store(config(shards, str(tmp_path / "gpu"), device="gpu", gpu_wait_s=3))
+    assert time.monotonic() - start < 60
