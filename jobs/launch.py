@@ -30,15 +30,14 @@ def parse_num_workers(text: str | int | tuple[int, int]) -> int | tuple[int, int
 
 def storage_location(url: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for RunConfig. Local paths and file:// need no
-    filesystem; schemes pyarrow knows (s3, gs, hdfs) pass through; any other fsspec URL
-    (memory://, ...) is wrapped in a pyarrow filesystem over fsspec."""
+    filesystem; every other URL (s3://, gs://, memory://, ...) goes through fsspec (s3fs, gcsfs)
+    wrapped in a pyarrow filesystem, so checkpoints use the same client, credentials and endpoint
+    (``AWS_ENDPOINT_URL``) as the shards, the stores and the exports."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         from pathlib import Path
 
         return str(Path(parsed.path if parsed.scheme else url).expanduser().resolve()), None
-    if parsed.scheme in ("s3", "gs", "gcs", "hdfs"):
-        return url, None
     import fsspec
     import pyarrow.fs
 

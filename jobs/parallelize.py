@@ -100,3 +100,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / dist.get_world_size()
+
+
+def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """Mean of each gradient over ranks, for small modules kept whole on every rank (replicated,
+    as DDP would) instead of sharded: the discriminator heads. Identity in one process."""
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for param in parameters:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(world)

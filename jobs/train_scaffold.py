@@ -72,6 +72,11 @@ class RunContext:
     world: int
     device: torch.device
     plan: BatchPlan
+    steps_per_epoch: int = 0  # lets a task turn a step into fractional epochs (the GAN schedule)
+
+    def epoch(self, step: int) -> float:
+        """Fractional epochs completed before ``step``."""
+        return step / self.steps_per_epoch if self.steps_per_epoch else 0.0
 
 
 def mix_seed(*parts: int) -> int:
@@ -254,7 +259,8 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
         raise ValueError(f"the dataset has {rows} rows, fewer than one global batch of "
                          f"{loop.global_batch_size}; lower global_batch_size")
     total_steps = steps_per_epoch * loop.epochs
-    ctx = RunContext(rank=rank, world=world, device=training_device(), plan=plan)
+    ctx = RunContext(rank=rank, world=world, device=training_device(), plan=plan,
+                     steps_per_epoch=steps_per_epoch)
     torch.manual_seed(loop.seed)  # identical initial weights on every rank, before sharding
     task.setup(ctx)
 

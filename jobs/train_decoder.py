@@ -1,0 +1,324 @@
+"""`rae train decoder`: the RAE pixel decoder (stage 1) with L1 + LPIPS + adaptive GAN, FSDP2 on Ray Train.
+
+Decision: the decoder trains from the image shards through the frozen encoder on the train
+workers, not from the latent store. The paper's training crops are random (resize to 384, random
+crop 256), so each step's latent differs from any cached one, and a store of every crop is
+impossible. Re-encoding is cheap beside the rest of the step: the DINOv2-B encoder costs ~22 GMACs
+per image against ~110 GMACs for the ViT-XL decoder's forward (x3 with backward) plus the
+discriminator, under ~10% of the step. Image decoding and the random crop run in a CPU Ray Data
+operator (:mod:`jobs.decoder_data`); uint8 crops reach the workers through
+``get_dataset_shard("train")``, and every rank takes the same fixed number of steps per epoch.
+
+The decoder consumes the encoder's raw latents (the LayerNorm'd tokens), not the store's
+normalized ones: normalization belongs to the diffusion side, which denormalizes before decoding.
+
+One step on each rank: (1) generator: encode the crops (no grad), add noise-augmentation noise,
+decode, L1 + perceptual (+ 0.75 x adaptive x GAN from ``loss.gan_start_epoch``), backward over the
+micro-batches, AdamW step, EMA update; (2) discriminator, from ``loss.disc_start_epoch``: fakes
+from a clean eval-mode pass, hinge loss on DiffAugmented reals and 8-bit fakes, gradients averaged
+over ranks, AdamW step. Decoder blocks and then the root are FSDP2 units; the discriminator's
+heads are small and replicated on every rank (gradients all-reduced, as DDP would); the frozen
+encoder, discriminator trunk and perceptual network are plain replicated modules.
+
+Perceptual loss: LPIPS-VGG when its VGG16 file is found (``lpips_weights`` or the torch hub
+cache); otherwise the offline EfficientNet-Lite0 distance, announced loudly (never LPIPS on a
+random VGG). The checkpoint holds decoder + its optimizer, discriminator heads + their optimizer,
+the EMA and the step (which fixes the LR schedule, the GAN phase and every seed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.checkpointing import ModelState
+from jobs.decoder_data import census, crop_dataset, crop_sizes
+from jobs.export import export_url, write_export
+from jobs.launch import absolute_storage, launch
+from jobs.lr_schedule import LRSchedule
+from jobs.parallelize import all_reduce_mean, average_gradients, set_gradient_sync, shard_model
+from jobs.train_scaffold import (
+    Batch,
+    LoopConfig,
+    OptimConfig,
+    RunContext,
+    Task,
+    apply_update,
+    fit,
+    full_state_dict,
+    ray_shard_batches,
+)
+from rae.decoder import DECODER_PRESETS, build_decoder
+from rae.decoder_loss import DecoderLoss, DecoderLossConfig
+from rae.discriminator import BACKBONES, build_discriminator
+from rae.ema import EMA
+from rae.encoders import DEFAULT_ENCODER, ENCODER_PRESETS, load_encoder
+from rae.perceptual import PERCEPTUAL_KINDS, build_perceptual_loss, default_vgg16_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecoderRunConfig:
+    """Defaults: the paper's ViT-XL decoder on DINOv2-B (16 epochs, global batch 512, AdamW 2e-4
+    with 1 warmup epoch and cosine to 2e-5, betas (0.9, 0.95), no weight decay, EMA 0.9978 per
+    step, noise tau 0.8, D from epoch 6, GAN from epoch 8, crops 384 -> 256)."""
+
+    shards: str = ""
+    encoder: str = DEFAULT_ENCODER
+    encoder_weights: str | None = None
+    encoder_input_size: int = 0  # 0: the encoder preset's input size
+    decoder: str = "vit-xl"
+    decoder_overrides: dict = field(default_factory=dict)
+    noise_tau: float = 0.8
+    perceptual: str = "lpips-vgg"
+    lpips_weights: str | None = None  # torchvision's vgg16-397923af.pth; default: the torch hub cache
+    perceptual_weights: str | None = None  # for "efficientnet-lite0"; default: the packaged weights
+    discriminator: str = "dino-vits8"  # offline: "dinov2-s-offline"
+    disc_weights: str | None = None
+    disc_input_size: int = 224
+    loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
+    ema_decay: float = 0.9978
+    resize: int = 384  # scaled by image_size / 256 for smaller encoders
+    crop: int = 256
+    disc_grad_clip: float = 0.0
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=16, global_batch_size=512,
+                                                                max_micro_batch=32, shuffle_buffer=1024))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(grad_clip=0.0, schedule=LRSchedule(
+        kind="warmup_cosine", base_lr=2e-4, final_lr=2e-5, warmup_epochs=1.0, decay_end_epoch=16.0)))
+
+
+@dataclass(frozen=True)
+class DecoderFacts:
+    """Everything resolved on the driver before launch: the encoder, the losses' networks, the data."""
+
+    encoder: str
+    encoder_input_size: int
+    encoder_digest: str
+    grid: int
+    channels: int
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    perceptual: str
+    perceptual_weights: str | None
+    disc_digest: str
+    rows: int
+    resize: int
+    crop: int
+
+
+def resolve_perceptual(config: DecoderRunConfig) -> tuple[str, str | None]:
+    """(kind, weights) of the perceptual loss the run will use; LPIPS-VGG falls back to the
+    offline EfficientNet-Lite0 distance when no VGG16 file exists, and says so loudly."""
+    if config.perceptual not in PERCEPTUAL_KINDS:
+        raise ValueError(f"perceptual={config.perceptual!r}; choose one of {PERCEPTUAL_KINDS}")
+    if config.perceptual == "efficientnet-lite0":
+        return config.perceptual, config.perceptual_weights
+    if config.lpips_weights is not None:
+        if not Path(config.lpips_weights).is_file():
+            raise FileNotFoundError(f"--lpips-weights {config.lpips_weights}: no such file (expected "
+                                    f"torchvision's VGG16 ImageNet weights, vgg16-397923af.pth)")
+        return "lpips-vgg", str(config.lpips_weights)
+    if default_vgg16_path().is_file():
+        return "lpips-vgg", str(default_vgg16_path())
+    message = (f"LPIPS-VGG IS NOT AVAILABLE: no VGG16 weights at {default_vgg16_path()} and no --lpips-weights. "
+               f"This run uses the offline EfficientNet-Lite0 perceptual distance instead; it is NOT the "
+               f"paper's LPIPS and its values are not comparable with LPIPS numbers.")
+    banner = "!" * 100
+    print(f"{banner}\n{message}\n{banner}", flush=True)
+    logger.warning(message)
+    return "efficientnet-lite0", config.perceptual_weights
+
+
+def to_unit_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1]."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class DecoderTask(Task):
+    """Decoder (generator) and discriminator heads, two AdamW optimizers on one LR schedule."""
+
+    def __init__(self, config: DecoderRunConfig, facts: DecoderFacts) -> None:
+        self.config, self.facts = config, facts
+        self.optim_config = config.optim  # fit reads the schedule from here
+
+    def decoder_kwargs(self) -> dict[str, Any]:
+        facts = self.facts
+        return dict(latent_channels=facts.channels, grid=facts.grid, noise_tau=self.config.noise_tau,
+                    image_mean=list(facts.image_mean), image_std=list(facts.image_std),
+                    **self.config.decoder_overrides)
+
+    def setup(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        config, facts = self.config, self.facts
+        self.encoder = load_encoder(facts.encoder, weights=config.encoder_weights,
+                                    input_size=facts.encoder_input_size, device=ctx.device)
+        if self.encoder.weights_digest != facts.encoder_digest:
+            raise RuntimeError(f"encoder weights on worker {ctx.rank} (sha256 {self.encoder.weights_digest[:12]}) "
+                               f"differ from the driver's ({facts.encoder_digest[:12]}); is "
+                               f"{config.encoder_weights!r} the same file on every node?")
+        decoder = build_decoder(config.decoder, **self.decoder_kwargs())
+        self.decoder = shard_model(decoder, list(decoder.blocks), ctx.device)
+        self.discriminator = build_discriminator(config.discriminator, weights=config.disc_weights,
+                                                 input_size=config.disc_input_size).to(ctx.device)
+        perceptual = build_perceptual_loss(facts.perceptual, weights=facts.perceptual_weights).to(ctx.device)
+        self.loss = DecoderLoss(config.loss, perceptual=perceptual, discriminator=self.discriminator)
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=optim.schedule.base_lr,
+                                           betas=optim.betas, weight_decay=optim.weight_decay)
+        self.disc_optimizer = torch.optim.AdamW(self.discriminator.trainable_parameters(),
+                                                lr=optim.schedule.base_lr, betas=optim.betas,
+                                                weight_decay=optim.weight_decay)
+        self.ema = EMA(self.decoder, config.ema_decay)
+
+    def state(self) -> dict[str, Any]:
+        return {"decoder": ModelState(self.decoder, self.optimizer),
+                "disc_heads": ModelState(self.discriminator.heads, self.disc_optimizer), "ema": self.ema}
+
+    def train_step(self, micro_batches: Sequence[Batch], step: int, lr: float) -> dict[str, float]:
+        epoch = self.ctx.epoch(step)
+        reals, latents = [], []
+        with torch.no_grad():
+            for batch in micro_batches:
+                reals.append(to_unit_images(batch["image"].to(self.ctx.device, non_blocking=True)))
+                latents.append(self.encoder(reals[-1]))
+        metrics = self._generator_step(reals, latents, epoch, lr)
+        if self.loss.discriminator_active(epoch):
+            metrics.update(self._discriminator_step(reals, latents, epoch, lr))
+        else:
+            self.disc_optimizer.zero_grad(set_to_none=True)  # the GAN term's backward may reach the heads
+        return metrics
+
+    def _generator_step(self, reals: list[torch.Tensor], latents: list[torch.Tensor], epoch: float,
+                        lr: float) -> dict[str, float]:
+        self.decoder.train()
+        self.discriminator.train()
+        count = len(reals)
+        total = torch.zeros(())
+        logs: dict[str, float] = {}
+        for index, (real, z) in enumerate(zip(reals, latents)):
+            set_gradient_sync(self.decoder, index == count - 1)
+            fake = self.decoder(self.decoder.augment_with_noise(z))
+            # Read after the forward: under FSDP2 this is the root's unsharded weight, in the graph.
+            loss, micro_logs = self.loss.generator_loss(real, fake, epoch=epoch,
+                                                        last_layer_weight=self.decoder.last_layer_weight)
+            (loss / count).backward()
+            total = total + loss.detach().float().cpu() / count
+            for key, value in micro_logs.items():
+                logs[key] = logs.get(key, 0.0) + value / count
+        outcome = apply_update(self.decoder, self.optimizer, total, lr=lr, grad_clip=self.config.optim.grad_clip)
+        if not outcome.skipped:
+            self.ema.update(self.decoder)
+        metrics = _mean_over_ranks({k: v for k, v in logs.items() if k != "total"})
+        metrics.update(loss=outcome.loss, grad_norm=outcome.grad_norm, skipped=float(outcome.skipped))
+        return metrics
+
+    def _discriminator_step(self, reals: list[torch.Tensor], latents: list[torch.Tensor], epoch: float,
+                            lr: float) -> dict[str, float]:
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        count = len(reals)
+        total = torch.zeros(())
+        logs: dict[str, float] = {}
+        self.decoder.eval()  # the fakes the discriminator sees: clean latents, no noise augmentation
+        for real, z in zip(reals, latents):
+            with torch.no_grad():
+                fake = self.decoder(z)
+            loss, micro_logs = self.loss.discriminator_loss(real, fake, epoch=epoch)
+            (loss / count).backward()
+            total = total + loss.detach().float().cpu() / count
+            for key, value in micro_logs.items():
+                logs[key] = logs.get(key, 0.0) + value / count
+        self.decoder.train()
+        average_gradients(self.discriminator.trainable_parameters())
+        outcome = apply_update(self.discriminator, self.disc_optimizer, total, lr=lr,
+                               grad_clip=self.config.disc_grad_clip)
+        metrics = _mean_over_ranks({k: v for k, v in logs.items() if k != "d_loss"})
+        metrics.update(d_loss=outcome.loss, d_grad_norm=outcome.grad_norm, d_skipped=float(outcome.skipped))
+        return metrics
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        facts = self.facts
+        return full_state_dict(self.ema.shadow), {
+            "kind": "decoder", "builder": "rae.decoder:build_decoder", "preset": self.config.decoder,
+            "kwargs": self.decoder_kwargs(), "ema_decay": self.config.ema_decay,
+            "encoder": {"name": facts.encoder, "input_size": facts.encoder_input_size,
+                        "weights_digest": facts.encoder_digest, "grid": facts.grid, "channels": facts.channels},
+            "image_size": facts.image_size, "perceptual": facts.perceptual,
+            "discriminator": {"backbone": self.config.discriminator, "weights_digest": facts.disc_digest},
+            "shards": self.config.shards, "crops": {"resize": facts.resize, "crop": facts.crop}}
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each logged value averaged over ranks (one collective; every rank has the same keys)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    averaged = all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+    return dict(zip(keys, averaged.tolist()))
+
+
+def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
+    """Check the config and load what the workers will load (encoder, discriminator, perceptual
+    network) once on the driver, so a bad name or a missing file fails before anything launches."""
+    if config.encoder not in ENCODER_PRESETS:
+        raise ValueError(f"encoder={config.encoder!r} is not a known encoder; choose one of {sorted(ENCODER_PRESETS)}")
+    if config.decoder not in DECODER_PRESETS:
+        raise ValueError(f"decoder={config.decoder!r}; choose one of {sorted(DECODER_PRESETS)}")
+    if config.discriminator not in BACKBONES:
+        raise ValueError(f"discriminator={config.discriminator!r}; choose one of {sorted(BACKBONES)}")
+    encoder = load_encoder(config.encoder, weights=config.encoder_weights,
+                           input_size=config.encoder_input_size or None, device="cpu")
+    spec = encoder.spec
+    perceptual, perceptual_weights = resolve_perceptual(config)
+    build_perceptual_loss(perceptual, weights=perceptual_weights)
+    disc = build_discriminator(config.discriminator, weights=config.disc_weights, input_size=config.disc_input_size)
+    with torch.device("meta"):
+        build_decoder(config.decoder, latent_channels=spec.channels, grid=spec.grid,
+                      noise_tau=config.noise_tau, **config.decoder_overrides)
+    resize, crop = crop_sizes(spec.image_size, config.resize, config.crop)
+    return DecoderFacts(encoder=spec.name, encoder_input_size=spec.input_size, encoder_digest=encoder.weights_digest,
+                        grid=spec.grid, channels=spec.channels, image_size=spec.image_size,
+                        image_mean=tuple(spec.mean), image_std=tuple(spec.std), perceptual=perceptual,
+                        perceptual_weights=perceptual_weights, disc_digest=disc.weights_digest, rows=0,
+                        resize=resize, crop=crop)
+
+
+def _train_fn(payload: dict) -> None:
+    import ray.train
+
+    config: DecoderRunConfig = payload["config"]
+    facts: DecoderFacts = payload["facts"]
+    rank = ray.train.get_context().get_world_rank()
+    target = payload["export_url"]
+    fit(DecoderTask(config, facts), config.loop, run_name=payload["run_name"], rows=facts.rows,
+        batches=ray_shard_batches("train", ["image"], config.loop.shuffle_buffer, config.loop.seed, rank),
+        run_config=dataclasses.asdict(config),
+        export=lambda weights, meta: write_export(target, weights, meta))
+
+
+def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, num_workers: int | tuple[int, int],
+                  max_failures: int = 3, cpus_per_worker: float | None = None):
+    """Resolve the encoder and losses, count the usable images, then train (or resume ``run_name``);
+    returns Ray's Result. The EMA decoder is exported to ``<storage>/<run_name>/export``."""
+    if not config.shards:
+        raise ValueError("no image shards given: pass --shards URL (or shards: in the config)")
+    facts = resolve_facts(config)
+    counted = census(config.shards, resize=facts.resize)
+    facts = dataclasses.replace(facts, rows=counted.rows)
+    print(f"[{run_name}] {counted.rows} usable images in {len(counted.shards)} shard(s) at {config.shards}, "
+          f"{len(counted.rejected)} skipped; crops {facts.resize} -> {facts.crop} px; encoder {facts.encoder} "
+          f"at {facts.encoder_input_size} px; perceptual loss {facts.perceptual}", flush=True)
+    dataset = crop_dataset(counted, resize=facts.resize, crop=facts.crop)
+    payload = {"config": config, "facts": facts, "run_name": run_name,
+               "export_url": export_url(absolute_storage(storage), run_name)}
+    return launch(_train_fn, payload, run_name=run_name, storage=storage, num_workers=num_workers,
+                  datasets={"train": dataset}, keep_checkpoints=config.loop.keep_checkpoints,
+                  max_failures=max_failures, cpus_per_worker=cpus_per_worker)
