@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import torch
 from torch import nn
 
@@ -56,6 +57,11 @@ class StoreFacts:
     grid: int
     channels: int
     num_classes: int
+    encoder: dict = field(default_factory=dict)  # the store's encoder facts (name, digest, input size, grid, ...)
+    stats_path: str = ""                          # the store's normalization statistics, relative to its URL
+
+
+LATENT_STATS_FILE = "latent_stats.safetensors"
 
 
 def check_store_matches(manifest: dict, config: DiTRunConfig, url: str) -> StoreFacts:
@@ -81,7 +87,21 @@ def check_store_matches(manifest: dict, config: DiTRunConfig, url: str) -> Store
                          f"needs labelled data")
     rows = int(manifest["images"]) * len(config.views) if config.views else int(manifest["rows"])
     return StoreFacts(url=url, rows=rows, grid=spec.grid, channels=spec.channels,
-                      num_classes=int(num_classes))
+                      num_classes=int(num_classes), encoder=dict(manifest.get("encoder", {})),
+                      stats_path=manifest.get("stats", {}).get("path", ""))
+
+
+def write_self_contained_export(url: str, weights: dict, meta: dict, facts: StoreFacts) -> None:
+    """The export plus what sampling needs without the store: a copy of the store's normalization
+    statistics (named by ``latent_stats`` in model.json) and its encoder facts (``encoder_spec``)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    if facts.stats_path:
+        with fsspec.open(f"{facts.url.rstrip('/')}/{facts.stats_path}", "rb") as handle:
+            fs.pipe_file(f"{root.rstrip('/')}/{LATENT_STATS_FILE}", handle.read())
+        meta = dict(meta, latent_stats=LATENT_STATS_FILE)
+    write_export(url, weights, dict(meta, encoder_spec=facts.encoder,
+                                    latent_shape=[facts.grid * facts.grid, facts.channels]))
 
 
 class DiTTask(SingleModelTask):
@@ -123,7 +143,7 @@ def _train_fn(payload: dict) -> None:
         batches=ray_shard_batches("train", ["latent", "label"], config.loop.shuffle_buffer,
                                   config.loop.seed, rank),
         run_config=dataclasses.asdict(config),
-        export=lambda weights, meta: write_export(target, weights, meta))
+        export=lambda weights, meta: write_self_contained_export(target, weights, meta, facts))
 
 
 def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, num_workers: int | tuple[int, int],
