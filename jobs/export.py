@@ -25,6 +25,7 @@ from torch import nn
 EXPORT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
+HISTORY_FILE = "history.json"  # [{step, loss, lr, ...}] as logged, for loss curves
 
 
 def join_url(base: str, *parts: str) -> str:
@@ -42,6 +43,7 @@ def write_export(url: str, state_dict: dict[str, torch.Tensor], config: dict[str
         if key not in config:
             raise ValueError(f"export config lacks {key!r}; got keys {sorted(config)}")
     config = dict(config, format=EXPORT_FORMAT)
+    history = config.pop("history", None)  # the run's logged metrics: a file of their own
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     metadata = {"run": str(config.get("run", "")), "step": str(config.get("step", ""))}
     fs, root = fsspec.core.url_to_fs(url)
@@ -50,6 +52,9 @@ def write_export(url: str, state_dict: dict[str, torch.Tensor], config: dict[str
         handle.write(save_safetensors(tensors, metadata=metadata))
     with fs.open(join_url(root, CONFIG_FILE), "w") as handle:
         json.dump(config, handle, indent=1, sort_keys=True)
+    if history is not None:
+        with fs.open(join_url(root, HISTORY_FILE), "w") as handle:
+            json.dump(history, handle)
 
 
 def read_export(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -278,6 +278,9 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
     every = loop.checkpoint_every_steps or steps_per_epoch
     window: dict[str, list[float]] = {}
     skipped_total = int(restored.get("skipped_steps", 0)) if restored else 0
+    # What the progress line showed, kept with each checkpoint so a resumed run's curves are whole;
+    # exported as history.json for loss curves without wandb.
+    history: list[dict[str, float]] = list(restored.get("history", [])) if restored else []
     schedule = task_schedule(task)
     try:
         while step < total_steps:
@@ -305,15 +308,17 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
                     print(f"[{run_name}] " + progress.line(step, step / steps_per_epoch,
                                                             dict(averaged, lr=lr)), flush=True)
                     wandb.log(dict(averaged, lr=lr, skipped_steps=skipped_total), step=step)
+                if step % loop.log_every_steps == 0 or step == total_steps:
+                    history.append(dict(averaged, step=step, lr=lr))
                 if step % every == 0 or step == total_steps:
                     report = dict(averaged, step=step, epoch=step / steps_per_epoch, lr=lr,
                                   skipped_steps=skipped_total, resumed_from_step=resumed_from)
-                    _checkpoint_and_report(task, report, rank, world)
+                    _checkpoint_and_report(task, report, rank, world, history)
                     window = {}
         if export is not None:
             weights, export_config = task.export_state()  # a collective: every rank gathers
             if rank == 0:
-                export(weights, dict(export_config, run=run_name, step=step))
+                export(weights, dict(export_config, run=run_name, step=step, history=history))
     finally:
         wandb.finish()
 
@@ -332,13 +337,14 @@ def _next_batch(stream: Iterator[Batch], epoch: int, step: int) -> Batch:
                            f"with equal=False?)") from None
 
 
-def _checkpoint_and_report(task: Task, metrics: dict[str, Any], rank: int, world: int) -> None:
+def _checkpoint_and_report(task: Task, metrics: dict[str, Any], rank: int, world: int,
+                           history: list[dict[str, float]]) -> None:
     import ray.train
 
     step = int(metrics["step"])
     with tempfile.TemporaryDirectory(prefix="rae-ckpt-") as local:
-        save_checkpoint(local, task.state(), {"step": step, "skipped_steps": metrics["skipped_steps"]},
-                        rank=rank, world_size=world)
+        save_checkpoint(local, task.state(), {"step": step, "skipped_steps": metrics["skipped_steps"],
+                                              "history": history}, rank=rank, world_size=world)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=checkpoint_dir_name(step))
 

@@ -3,6 +3,9 @@ on CPU): the loss falls, the EMA export loads into a working model, and a store 
 encoder is refused before anything is launched."""
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,4 +103,7 @@ def test_dit_loss_decreases_and_export_loads(tmp_path, store, ray_cluster):
     x = torch.randn(2, TOKENS, CHANNELS)
     velocity = model(x, torch.tensor([0.5, 0.9]), torch.tensor([0, 1]))
     assert velocity.shape == x.shape and torch.isfinite(velocity).all()
+    history = json.loads((Path(export_url(storage, "dit-tiny")) / "history.json").read_text())
+    assert history[-1]["step"] == 16 and all(a["step"] < b["step"] for a, b in zip(history, history[1:]))
+    assert all(math.isfinite(row["loss"]) for row in history) and "history" not in config
     print(f"DiT tiny: window-mean loss {losses[0]:.4f} -> {losses[-1]:.4f}")
