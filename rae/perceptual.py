@@ -176,7 +176,8 @@ def load_efficientnet_lite0(weights: str | Path | None = None) -> nn.Module:
 
 
 class EfficientNetPerceptual(FrozenModule):
-    """LPIPS-style distance on ImageNet EfficientNet-Lite0 features, uniform channel weights."""
+    """LPIPS-style distance on ImageNet EfficientNet-Lite0 features, uniform channel weights,
+    averaged over the five stages and scaled to [0, 1]."""
 
     def __init__(self, weights: str | Path | None = None):
         super().__init__()
@@ -200,7 +201,11 @@ class EfficientNetPerceptual(FrozenModule):
         for f in both:
             fx, fy = f.chunk(2)
             distance = distance + (fx - fy).pow(2).sum(dim=1).mean(dim=(1, 2))
-        return distance
+        # Unit vectors differ by at most 4 in squared norm, so this puts the distance in [0, 1], the
+        # range LPIPS's learned weights give; the decoder loss's weight (1.0 in the paper) then
+        # balances it against L1 as it does LPIPS. Unscaled, uniform weights over five stages made
+        # the term ~20x LPIPS's and L1 stalled under it (measured on the demo's photos).
+        return distance / (4 * len(both))
 
 
 def build_perceptual_loss(kind: str = "lpips-vgg", *, weights: str | Path | None = None) -> nn.Module:

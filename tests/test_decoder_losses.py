@@ -217,6 +217,8 @@ def test_efficientnet_perceptual_distance_grows_with_degradation_and_is_frozen()
     distances = [loss(x, b).item() for b in blurs]
     assert loss(x, x).item() == 0.0
     assert 0 < distances[0] < distances[1] < distances[2]
+    unrelated = loss(x, torch.rand_like(x)).item()  # LPIPS's range: [0, 1], noise far from a photo
+    assert distances[2] < unrelated <= 1.0
     y = blurs[0].clone().requires_grad_(True)
     loss(x, y).sum().backward()
     assert y.grad.abs().sum() > 0
