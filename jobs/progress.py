@@ -1,9 +1,17 @@
 """The progress line every run prints (rank 0), with or without wandb: step, loss, throughput, ETA."""
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+def say(message: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver once. (Ray Train V2 patches
+    ``print`` inside workers to go through its logger as well, which showed every line twice.)"""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def format_duration(seconds: float) -> str:

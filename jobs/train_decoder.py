@@ -42,6 +42,7 @@ from jobs.export import export_url, write_export
 from jobs.launch import absolute_storage, launch
 from jobs.lr_schedule import LRSchedule
 from jobs.parallelize import all_reduce_mean, average_gradients, set_gradient_sync, shard_model
+from jobs.progress import say
 from jobs.train_scaffold import (
     Batch,
     LoopConfig,
@@ -131,7 +132,7 @@ def resolve_perceptual(config: DecoderRunConfig) -> tuple[str, str | None]:
                f"This run uses the offline EfficientNet-Lite0 perceptual distance instead; it is NOT the "
                f"paper's LPIPS and its values are not comparable with LPIPS numbers.")
     banner = "!" * 100
-    print(f"{banner}\n{message}\n{banner}", flush=True)
+    say(f"{banner}\n{message}\n{banner}")
     logger.warning(message)
     return "efficientnet-lite0", config.perceptual_weights
 

@@ -31,7 +31,7 @@ from jobs.parallelize import (
     shard_model,
     training_device,
 )
-from jobs.progress import Progress
+from jobs.progress import Progress, say
 from jobs.wandb_logging import WandbConfig, WandbLogger
 from rae.ema import EMA
 
@@ -269,9 +269,9 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
     resumed_from = step if restored else -1
     if rank == 0:
         where = f"resumed at step {step} from {restored['restored_from']}" if restored else "fresh start"
-        print(f"[{run_name}] {where}; {world} workers x {plan.accum_steps} micro-batches of "
+        say(f"[{run_name}] {where}; {world} workers x {plan.accum_steps} micro-batches of "
               f"{plan.micro} = global batch {plan.global_batch}; {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps", flush=True)
+              f"{total_steps} steps")
 
     wandb = WandbLogger(loop.wandb, run_name, rank, run_config)
     progress = Progress(total_steps=total_steps, global_batch=plan.global_batch, start_step=step)
@@ -297,16 +297,14 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
                 if metrics.get("skipped"):
                     skipped_total += 1
                     if rank == 0:
-                        print(f"[{run_name}] step {step}: non-finite loss or gradient "
-                              f"(loss={metrics.get('loss')}); step skipped ({skipped_total} so far)",
-                              flush=True)
+                        say(f"[{run_name}] step {step}: non-finite loss or gradient "
+                            f"(loss={metrics.get('loss')}); step skipped ({skipped_total} so far)")
                 for key, value in metrics.items():
                     if key != "skipped" and math.isfinite(value):
                         window.setdefault(key, []).append(value)
                 averaged = {k: sum(v) / len(v) for k, v in window.items() if v}
                 if rank == 0 and (step % loop.log_every_steps == 0 or step == total_steps):
-                    print(f"[{run_name}] " + progress.line(step, step / steps_per_epoch,
-                                                            dict(averaged, lr=lr)), flush=True)
+                    say(f"[{run_name}] " + progress.line(step, step / steps_per_epoch, dict(averaged, lr=lr)))
                     wandb.log(dict(averaged, lr=lr, skipped_steps=skipped_total), step=step)
                 if step % loop.log_every_steps == 0 or step == total_steps:
                     history.append(dict(averaged, step=step, lr=lr))
