@@ -141,7 +141,8 @@ def build_discriminator(
         raise ValueError("pass either weights=PATH or random_init=True, not both")
     import timm
 
-    from rae.encoders import read_state_dict, state_dict_digest
+    from rae.encoders import state_dict_digest
+    from rae.weights_io import read_state_dict
 
     config = DiscriminatorConfig(backbone=backbone, input_size=input_size or 224, hooks=tuple(hooks))
     timm_name = BACKBONES[backbone]

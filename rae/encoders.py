@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rae import offline_weights
+from rae.weights_io import read_state_dict
 
 PIXELS_PER_TOKEN = 16  # the decoder emits 16x16 pixels per latent token
 RANDOM_INIT_DIGEST = "random-init"
@@ -251,24 +252,6 @@ def _trunk_from_file(spec: EncoderSpec, path: Path) -> tuple[nn.Module, float]:
     if leftover:
         raise ValueError(f"weights file {path} leaves {leftover[:5]} of encoder {spec.name} unset")
     return trunk, eps
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a torch file (loaded with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
-            loaded = loaded[wrapper]
-    if not isinstance(loaded, dict):
-        raise ValueError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict")
-    return loaded
 
 
 def _key_mismatch(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

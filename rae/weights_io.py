@@ -1,0 +1,25 @@
+"""Reading weight files safely: safetensors, or torch files with ``weights_only=True`` (never pickle)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file; a ``{"state_dict": ...}`` or
+    ``{"model": ...}`` wrapper is unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict):
+        raise ValueError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
