@@ -276,7 +276,8 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
     wandb = WandbLogger(loop.wandb, run_name, rank, run_config)
     progress = Progress(total_steps=total_steps, global_batch=plan.global_batch, start_step=step)
     every = loop.checkpoint_every_steps or steps_per_epoch
-    window: dict[str, list[float]] = {}
+    log_window: dict[str, list[float]] = {}
+    report_window: dict[str, list[float]] = {}
     skipped_total = int(restored.get("skipped_steps", 0)) if restored else 0
     # What the progress line showed, kept with each checkpoint so a resumed run's curves are whole;
     # exported as history.json for loss curves without wandb.
@@ -301,24 +302,30 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
                             f"(loss={metrics.get('loss')}); step skipped ({skipped_total} so far)")
                 for key, value in metrics.items():
                     if key != "skipped" and math.isfinite(value):
-                        window.setdefault(key, []).append(value)
-                averaged = {k: sum(v) / len(v) for k, v in window.items() if v}
-                if rank == 0 and (step % loop.log_every_steps == 0 or step == total_steps):
-                    say(f"[{run_name}] " + progress.line(step, step / steps_per_epoch, dict(averaged, lr=lr)))
-                    wandb.log(dict(averaged, lr=lr, skipped_steps=skipped_total), step=step)
-                if step % loop.log_every_steps == 0 or step == total_steps:
-                    history.append(dict(averaged, step=step, lr=lr))
-                if step % every == 0 or step == total_steps:
-                    report = dict(averaged, step=step, epoch=step / steps_per_epoch, lr=lr,
+                        for window in (log_window, report_window):
+                            window.setdefault(key, []).append(value)
+                if step % loop.log_every_steps == 0 or step == total_steps:  # means since the last line
+                    logged = _means(log_window)
+                    log_window = {}
+                    history.append(dict(logged, step=step, lr=lr))
+                    if rank == 0:
+                        say(f"[{run_name}] " + progress.line(step, step / steps_per_epoch, dict(logged, lr=lr)))
+                        wandb.log(dict(logged, lr=lr, skipped_steps=skipped_total), step=step)
+                if step % every == 0 or step == total_steps:  # means since the last checkpoint
+                    report = dict(_means(report_window), step=step, epoch=step / steps_per_epoch, lr=lr,
                                   skipped_steps=skipped_total, resumed_from_step=resumed_from)
                     _checkpoint_and_report(task, report, rank, world, history)
-                    window = {}
+                    report_window = {}
         if export is not None:
             weights, export_config = task.export_state()  # a collective: every rank gathers
             if rank == 0:
                 export(weights, dict(export_config, run=run_name, step=step, history=history))
     finally:
         wandb.finish()
+
+
+def _means(window: dict[str, list[float]]) -> dict[str, float]:
+    return {key: sum(values) / len(values) for key, values in window.items() if values}
 
 
 def task_schedule(task: Task) -> LRSchedule | None:
