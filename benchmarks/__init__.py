@@ -1,0 +1,1 @@
+"""Throughput, scaling and memory benchmarks (not tests; see README.md)."""

@@ -1,0 +1,277 @@
+"""Encode throughput: the Ray Data encode job (``encode_to_store``) against a plain single-process
+loop doing the same work (decode + ADM crop, encode, write the Parquet part and moments, finalize)
+on the same machine and the same images: JPEG crops of scikit-image's photos written as shards.
+
+Also: decode alone and encode alone, per process (which stage bounds the job here), and, on a CUDA
+machine, DINOv2-B images/s at bf16 per batch size and how many decode cores one GPU needs.
+
+    python -m benchmarks.bench_encode [--quick]
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    PeakMemory,
+    Recorder,
+    alternate,
+    cuda_unavailable_reason,
+    parse_args,
+    start_ray,
+    write_photo_crops,
+)
+from pipelines import latent_store
+from pipelines.encode import EncodeConfig, LatentEncoder, encode_to_store, plan_manifest
+from pipelines.image_decode import decode_shard
+from pipelines.shards import list_shards, make_shards, read_class_names
+from rae.encoders import load_encoder
+
+ENCODER = "dinov2-s-offline"
+
+
+def trace_path() -> Path:
+    """Where this Ray job's encoder actors record their events (same machine, same job id)."""
+    import ray
+
+    return Path(tempfile.gettempdir()) / f"rae-bench-encode-trace-{ray.get_runtime_context().get_job_id()}.jsonl"
+
+
+def _trace(event: str, **fields: object) -> None:
+    with open(trace_path(), "a") as handle:
+        handle.write(json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **fields}) + "\n")
+
+
+class TracedLatentEncoder(LatentEncoder):
+    """The shipped actor, recording when it starts, is ready, and encodes each shard."""
+
+    def __init__(self, *args, **kwargs):
+        _trace("init_start")
+        super().__init__(*args, **kwargs)
+        _trace("init_end", threads=torch.get_num_threads())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _trace("call_start")
+        out = super().__call__(batch)
+        _trace("call_end", images=int(out["latents"].shape[1]))
+        return out
+
+
+class AllCoresLatentEncoder(TracedLatentEncoder):
+    """The shipped actor, but with torch using every core of the node on CPU. Ray starts a
+    ``num_cpus=1`` actor with OMP_NUM_THREADS=1, so the shipped actor encodes on one thread."""
+
+    def __init__(self, *args, **kwargs):
+        torch.set_num_threads(os.cpu_count() or 1)
+        super().__init__(*args, **kwargs)
+
+
+def breakdown(trace: Path, start: float, end: float) -> dict:
+    """Where a Ray run's wall time went, from the actor's trace."""
+    events = [json.loads(line) for line in trace.read_text().splitlines()] if trace.exists() else []
+    trace.unlink(missing_ok=True)
+    first = {e["event"]: e["t"] for e in reversed(events)}
+    calls = [e for e in events if e["event"] in ("call_start", "call_end")]
+    busy = sum(b["t"] - a["t"] for a, b in zip(calls[::2], calls[1::2]))
+    last_end = max((e["t"] for e in events if e["event"] == "call_end"), default=end)
+    first_call = min((e["t"] for e in events if e["event"] == "call_start"), default=start)
+    return {"wall_s": end - start, "first_to_last_shard_s": last_end - first_call,
+            "until_actor_starts_s": first.get("init_start", end) - start,
+            "actor_init_s": first.get("init_end", end) - first.get("init_start", end),
+            "actor_ready_to_first_shard_s": first.get("call_start", end) - first.get("init_end", end),
+            "actor_encoding_s": busy, "after_last_shard_s": end - last_end,
+            "actor_threads": next((e.get("threads") for e in events if e["event"] == "init_end"), None)}
+
+
+def actor_threads() -> int:
+    """torch's thread count inside a ``num_cpus=1`` Ray actor (what the shipped encoder runs with)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Probe:
+        def threads(self) -> int:
+            return torch.get_num_threads()
+
+    probe = Probe.remote()
+    try:
+        return ray.get(probe.threads.remote())
+    finally:
+        ray.kill(probe)
+
+
+def plain_encode(config: EncodeConfig, timings: dict[str, float]) -> int:
+    """The encode job as one loop in this process, through the pipeline's own functions."""
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - clock
+        clock = now
+
+    shards = list_shards(config.shards)
+    class_names = read_class_names(shards)
+    reference = load_encoder(config.encoder, input_size=config.input_size, device="cpu")
+    manifest = plan_manifest(config, reference, shards, class_names)
+    latent_store.write_manifest(config.store, manifest)
+    actor = LatentEncoder(config.encoder, config.weights, config.input_size, config.flip, config.latent_dtype,
+                          config.batch_size, reference.weights_digest)
+    lap("setup_s")
+    for index, shard in enumerate(shards):
+        decoded = decode_shard(shard, image_size=reference.spec.image_size, limits=config.limits,
+                               num_classes=len(class_names))
+        lap("decode_s")
+        latents = actor.encode(decoded.images)
+        lap("encode_s")
+        latent_store.write_shard(config.store, manifest, index, keys=decoded.keys, labels=decoded.labels,
+                                 latents=latents, rejected=decoded.rejected)
+        lap("write_s")
+    rows = int(latent_store.finalize(config.store, manifest)["rows"])
+    lap("finalize_s")
+    return rows
+
+
+def stage_rates(shards_url: str, input_size: int, batch_size: int, threads: list[int]) -> dict:
+    """Images/s of decode alone (one process, one core) and of encode alone at each thread count."""
+    shards = list_shards(shards_url)
+    image_size = load_encoder(ENCODER, input_size=input_size).spec.image_size
+    start = time.perf_counter()
+    images = [decode_shard(s, image_size=image_size).images for s in shards]
+    count = sum(len(x) for x in images)
+    out = {"decode_images_per_s_1core": count / (time.perf_counter() - start)}
+    actor = LatentEncoder(ENCODER, None, input_size, False, "float16", batch_size,
+                          load_encoder(ENCODER, input_size=input_size).weights_digest)
+    previous = torch.get_num_threads()
+    for n in threads:
+        torch.set_num_threads(n)
+        actor.encode(images[0][:2])  # warm-up
+        start = time.perf_counter()
+        for x in images:
+            actor.encode(x)
+        out[f"encode_images_per_s_{n}threads"] = count / (time.perf_counter() - start)
+    torch.set_num_threads(previous)
+    return out
+
+
+def gpu_encoder_sweep(batches: list[int], decode_rate_per_core: float, *, steps: int) -> dict:
+    """DINOv2-B/14-reg4 at 224 px (random weights: the speed is the same), bf16 autocast, from uint8
+    crops in pinned host memory (the encode actor's input) to float16 latents back on the host."""
+    encoder = load_encoder("dinov2-b-reg4", random_init=True, device="cuda")
+    size = encoder.spec.image_size
+    rows = {}
+    for batch in batches:
+        host = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).pin_memory()
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                for i in range(steps + 2):
+                    if i == 2:
+                        torch.cuda.synchronize()
+                        start = time.perf_counter()
+                    x = host.to("cuda", non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+                    encoder(x).to(torch.float16).cpu()
+                torch.cuda.synchronize()
+            rows[batch] = batch * steps / (time.perf_counter() - start)
+        except torch.cuda.OutOfMemoryError:
+            rows[batch] = None
+            torch.cuda.empty_cache()
+    best = max((b for b in rows if rows[b]), key=lambda b: rows[b])
+    return {"images_per_s_by_batch": rows, "best_batch": best, "best_images_per_s": rows[best],
+            "decode_cores_to_feed_one_gpu": rows[best] / decode_rate_per_core,
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    quick = args.quick
+    config = {"encoder": ENCODER, "input_size": 56 if quick else 224, "images": 16 if quick else 192,
+              "images_per_shard": 8 if quick else 24, "batch_size": 8 if quick else 24, "flip": False,
+              "repeats": 1 if quick else 2, "photo_crops": "skimage.data photos, random crops 160-480 px, JPEG q90",
+              "memory": "peak PSS; ray: driver + raylet + workers; plain: driver"}
+    rec = Recorder("encode", args, config)
+    work = Path(tempfile.mkdtemp(prefix="rae-bench-encode-"))
+    started_ray = False
+    try:
+        src = write_photo_crops(work / "images", config["images"])
+        shards = f"file://{work}/shards"
+        make_shards(str(src), shards, max_count=config["images_per_shard"], progress=False)
+        started_ray = start_ray()
+        trace = trace_path()
+        trace.unlink(missing_ok=True)
+        counter = iter(range(10**6))
+
+        if not quick:  # a worker process start: seconds on a loaded machine
+            rec.add("torch_threads", {"driver": torch.get_num_threads(), "ray_actor_num_cpus_1": actor_threads()})
+
+        def run(kind: str, record: bool = True) -> float:
+            store = f"file://{work}/store-{kind}-{next(counter)}"
+            cfg = EncodeConfig(shards=shards, store=store, encoder=ENCODER, input_size=config["input_size"],
+                               batch_size=config["batch_size"], flip=config["flip"], device="cpu", progress=False)
+            start, wall_start = time.perf_counter(), time.time()
+            timings: dict[str, float] = {}
+            with PeakMemory(tree=kind != "plain") as memory:
+                if kind == "plain":
+                    rows = plain_encode(cfg, timings)
+                else:
+                    cls = AllCoresLatentEncoder if kind == "ray_all_cores" else TracedLatentEncoder
+                    rows = encode_to_store(cfg, encoder_cls=cls).rows
+            elapsed = time.perf_counter() - start
+            if rows != config["images"]:
+                raise RuntimeError(f"{kind} encoded {rows} rows, expected {config['images']}")
+            if kind != "plain":
+                timings = breakdown(trace, wall_start, time.time())
+                steady = timings["first_to_last_shard_s"]
+            else:  # the same span: decoding, encoding and writing the shards
+                steady = timings["decode_s"] + timings["encode_s"] + timings["write_s"]
+            if not record:
+                return 0.0
+            steady_rates.setdefault(kind, []).append(config["images"] / steady)
+            where.setdefault(kind, []).append({k: round(v, 2) if isinstance(v, float) else v
+                                               for k, v in timings.items()})
+            peaks.setdefault(kind, []).append(memory.peak_mib)
+            return config["images"] / elapsed
+
+        peaks: dict[str, list[float]] = {}
+        where: dict[str, list[dict]] = {}
+        steady_rates: dict[str, list[float]] = {}
+        if not quick:  # untimed: Ray's first run starts its worker processes cold (imports, caches)
+            for kind in ("ray", "ray_all_cores", "plain"):
+                run(kind, record=False)
+        rates = alternate({"ray_data": lambda: run("ray"), "ray_data_all_core_actor": lambda: run("ray_all_cores"),
+                           "plain_loop": lambda: run("plain")}, config["repeats"])
+        rec.add("images_per_s", rates)
+        plain = rates["plain_loop"]["median"]
+        rec.add("ratio_ray_over_plain", rates["ray_data"]["median"] / plain)
+        rec.add("ratio_ray_all_core_actor_over_plain", rates["ray_data_all_core_actor"]["median"] / plain)
+        rec.add("time_breakdown", where)
+        steady = {k: float(np.median(v)) for k, v in steady_rates.items()}
+        rec.add("steady_images_per_s", steady)
+        rec.add("steady_ratio_ray_over_plain", steady["ray"] / steady["plain"])
+        rec.add("steady_ratio_ray_all_core_actor_over_plain", steady["ray_all_cores"] / steady["plain"])
+        rec.add("peak_host_pss_mib", {k: max(v) for k, v in peaks.items()})
+        stages = stage_rates(shards, config["input_size"], config["batch_size"], threads=[1, 2])
+        rec.add("stages", stages)
+        reason = cuda_unavailable_reason()
+        if reason:
+            rec.skip("gpu_dinov2_b_bf16", reason)
+        else:
+            rec.add("gpu_dinov2_b_bf16", gpu_encoder_sweep([16, 32] if quick else [32, 64, 128, 256, 512, 1024],
+                                                           stages["decode_images_per_s_1core"],
+                                                           steps=2 if quick else 20))
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    rec.write()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Every benchmark's ``--quick`` mode runs and writes a consistent result record.
+
+Benchmarks are not tests of speed: these check that each still runs against the current code, that
+its JSON holds the record every result needs (device, versions, config, date, load average at start
+and end), that derived numbers agree with the measurements they come from, and that GPU-only parts
+are recorded as not run, with the reason, on a machine without CUDA. One Ray instance is shared by
+the benchmarks that use a local one; the scaling benchmark starts its own simulated cluster last.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from benchmarks import (  # noqa: E402
+    bench_dit_gpu,
+    bench_encode,
+    bench_memory,
+    bench_scaling,
+    bench_store_read,
+    bench_train_step,
+)
+from benchmarks.common import start_ray  # noqa: E402
+
+pytestmark = pytest.mark.slow
+RECORD_KEYS = {"name", "quick", "date", "device", "versions", "config", "loadavg_start", "loadavg_end",
+               "results", "not_run", "wall_s"}
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    start_ray()
+    yield
+    ray.shutdown()
+
+
+def run_quick(module, tmp_path) -> dict:
+    out = tmp_path / "result.json"
+    module.main(["--quick", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert RECORD_KEYS <= set(record), sorted(RECORD_KEYS - set(record))
+    assert record["quick"] is True
+    assert len(record["loadavg_start"]) == 3 and len(record["loadavg_end"]) == 3
+    assert record["versions"]["ray"] == ray.__version__
+    return record
+
+
+def median(entry: dict) -> float:
+    return entry["median"]
+
+
+def test_encode_quick_compares_ray_with_the_plain_loop(shared_ray, tmp_path):
+    record = run_quick(bench_encode, tmp_path)
+    results = record["results"]
+    rates = results["images_per_s"]
+    assert all(median(rates[k]) > 0 for k in ("ray_data", "ray_data_all_core_actor", "plain_loop"))
+    assert results["ratio_ray_over_plain"] == pytest.approx(median(rates["ray_data"]) / median(rates["plain_loop"]))
+    breakdown = results["time_breakdown"]["ray"][0]
+    assert 0 < breakdown["actor_encoding_s"] <= breakdown["wall_s"]
+    assert breakdown["actor_threads"] == 1  # the shipped actor runs torch on one thread
+    assert results["time_breakdown"]["ray_all_cores"][0]["actor_threads"] == torch.get_num_threads()
+
+
+def test_train_step_quick_times_ray_and_plain_on_the_same_task(shared_ray, tmp_path):
+    results = run_quick(bench_train_step, tmp_path)["results"]
+    times = results["step_s"]
+    assert all(median(times[k]) > 0 for k in ("plain_loop", "ray_1_worker"))
+    assert results["ratio_ray_1_worker_over_plain"] == pytest.approx(
+        median(times["ray_1_worker"]) / median(times["plain_loop"]))
+    assert results["details"]["ray_1_worker"][0]["worker_threads"] == 1
+
+
+def test_store_read_quick_measures_every_path_against_raw_bytes(shared_ray, tmp_path):
+    results = run_quick(bench_store_read, tmp_path)["results"]
+    fractions = results["fraction_of_raw"]
+    assert fractions["raw_bytes"] == 1.0
+    assert {"read_latents_float16", "latent_dataset_iter_torch_batches_normalized"} <= set(fractions)
+    assert all(v > 0 for v in fractions.values())
+
+
+def test_memory_quick_predicts_training_state_of_a_small_model(tmp_path):
+    results = run_quick(bench_memory, tmp_path)["results"]
+    check = results["cpu_check_fp32"]
+    # 20 bytes per parameter: weights, gradients, AdamW's two moments and the EMA shadow, 4 each.
+    assert check["held_bytes"]["weights"] == 4 * check["params"]
+    assert check["state_bytes_measured"] == pytest.approx(check["state_bytes_predicted"], rel=0.01)
+    xl = results["analytic_80gb"]["ditdh-xl"]
+    assert xl["state_gb"] == pytest.approx(20 * xl["params"] / 1e9)
+    assert xl["max_micro_batch_fsdp_8_gpus"] >= xl["max_micro_batch_no_fsdp"] >= 1
+
+
+def test_dit_gpu_quick_flops_match_the_counter_and_gpu_part_is_marked(tmp_path):
+    record = run_quick(bench_dit_gpu, tmp_path)
+    row = record["results"]["flops_crosscheck"]["ditdh-tiny"]
+    assert row["analytic_forward_gflops"] == pytest.approx(row["counted_forward_gflops"], rel=1e-9)
+    assert row["counted_train_gflops"] == pytest.approx(row["analytic_train_gflops"], rel=0.05)
+    if not torch.cuda.is_available():
+        assert "no CUDA" in record["not_run"]["throughput"]
+        assert "throughput" not in record["results"]
+
+
+def test_scaling_quick_runs_on_a_simulated_cluster(tmp_path):
+    ray.shutdown()  # it starts its own multi-node cluster
+    results = run_quick(bench_scaling, tmp_path)["results"]
+    assert results["per_worker_count"]["2"]["epoch_s"] > 0
+    projection = results["imagenet_projection"]
+    eight, sixty_four = projection["8_gpus"], projection["64_gpus"]
+    assert eight["days_800_epochs"] == pytest.approx(10 * eight["days_80_epochs"])
+    assert sixty_four["days_800_epochs"] < eight["days_800_epochs"]
