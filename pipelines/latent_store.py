@@ -182,7 +182,11 @@ def write_shard(store_url: str, manifest: dict, index: int, *, keys: list[str], 
         marker["part"] = f"{PARTS_DIR}/{sid}.parquet"
         row_bytes = max(1, kept[0].nbytes)
         with storage.open_atomic(fs, storage.join(root, marker["part"])) as handle:
-            pq.write_table(table, handle, row_group_size=max(1, TARGET_ROW_GROUP_BYTES // row_bytes))
+            # No dictionary or compression on the latents: float16 values all fit a dictionary, and
+            # decoding through it made reads 2.5x slower for a 6% smaller file (benchmarks/bench_store_read).
+            pq.write_table(table, handle, row_group_size=max(1, TARGET_ROW_GROUP_BYTES // row_bytes),
+                           use_dictionary=["key"], compression={"key": "snappy", "label": "snappy",
+                                                                "view": "snappy", LATENT_COLUMN: "none"})
         moments = MomentAccumulator()
         moments.update(torch.from_numpy(kept.astype(np.float64)))
         marker["moments"] = f"{PROGRESS_DIR}/{sid}.moments.npz"

@@ -78,12 +78,13 @@ def read_latents(url: str, *, normalize: bool = False, storage_options: StorageO
 
 
 def normalize_numpy(latents: np.ndarray, stats: LatentStats) -> np.ndarray:
-    """``(z - mean) / sqrt(var + eps)`` in float64, returned as float32; ``latents`` is (B, N, C)."""
-    scale = 1.0 / np.sqrt(stats.var.double().numpy() + stats.eps)
-    z = latents.astype(np.float64)
+    """``(z - mean) / sqrt(var + eps)`` as float32; ``latents`` is (B, N, C). The statistics are exact
+    float64; applying them in float64 halved the training read rate for no gain at fp16 inputs."""
+    scale = (1.0 / np.sqrt(stats.var.double().numpy() + stats.eps)).astype(np.float32)
+    z = latents.astype(np.float32)
     if stats.mean is not None:
-        z = z - stats.mean.double().numpy()
-    return (z * scale).astype(np.float32)
+        z = z - stats.mean.double().numpy().astype(np.float32)
+    return z * scale
 
 
 def _to_training_batch(batch: pa.Table, *, shape: tuple[int, int], stats: LatentStats | None,

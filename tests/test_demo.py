@@ -28,7 +28,7 @@ TINY = DemoConfig(classes=3, train_per_class=16, val_per_class=2, decoder_width=
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     workdir = tmp_path_factory.mktemp("demo")
     index = run_demo(workdir, TINY)
     yield workdir, index

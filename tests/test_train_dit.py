@@ -58,7 +58,7 @@ def tiny_config(store: str, **sets: str) -> DiTRunConfig:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -106,7 +106,7 @@ def _final_weights(result) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
              log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
