@@ -29,6 +29,7 @@ from pipelines import latent_store, storage
 from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
+from pipelines.streaming import streamed_batches
 from rae.encoders import DEFAULT_ENCODER, RepresentationEncoder, load_encoder
 
 log = logging.getLogger(__name__)
@@ -207,10 +208,11 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
         ds = _build_dataset(config, encoder, manifest, shards, pending, rows, class_names, encoder_cls,
                             use_gpu=use_gpu, pool=pool, commit_on_workers=not store_local)
         commit_kwargs = {"store": config.store, "manifest": manifest, "storage_options": opts}
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            summary = batch if not store_local else commit_shard_batch(batch, **commit_kwargs)
-            bar.update(1)
-            bar.set_postfix(rows=int(summary["rows"][0]), rejected=int(summary["rejected"][0]))
+        with streamed_batches(ds, batch_size=1, batch_format="numpy", prefetch_batches=0) as batches:
+            for batch in batches:
+                summary = batch if not store_local else commit_shard_batch(batch, **commit_kwargs)
+                bar.update(1)
+                bar.set_postfix(rows=int(summary["rows"][0]), rejected=int(summary["rejected"][0]))
     except ray.exceptions.GetTimeoutError as err:
         if not use_gpu:
             raise

@@ -33,6 +33,7 @@ import ray
 from PIL import Image
 
 from pipelines import storage
+from pipelines.streaming import streamed_batches
 from pipelines.sample_models import (
     ExportFacts,
     Guidance,
@@ -328,11 +329,12 @@ def _run_pool(config: SampleConfig, pending: list[tuple[int, int]], labels: np.n
             fn_constructor_kwargs={"config": config, "labels": labels, "num_classes": num_classes,
                                    "loader": loader, "write": not out_local},
             **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            if out_local:
-                write_part(config.out, int(batch["start"][0]), int(batch["stop"][0]), batch["images"][0],
-                           batch["labels"][0], batch["seeds"][0], config.png)
-            bar.update(1)
+        with streamed_batches(ds, batch_size=1, batch_format="numpy", prefetch_batches=0) as batches:
+            for batch in batches:
+                if out_local:
+                    write_part(config.out, int(batch["start"][0]), int(batch["stop"][0]), batch["images"][0],
+                               batch["labels"][0], batch["seeds"][0], config.png)
+                bar.update(1)
     except ray.exceptions.GetTimeoutError as err:
         if not use_gpu:
             raise

@@ -7,6 +7,8 @@ rounding: |stored - direct| <= 1e-3 |direct| + 1e-4 (float16 has a relative step
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -196,25 +198,43 @@ def test_a_store_made_differently_is_refused_naming_the_difference(file_store, s
         encode_to_store(config(shards, file_store, input_size=42))
 
 
+KILLED_JOB = """
+import pathlib, sys, time
+import ray
+from pipelines.encode import EncodeConfig, LatentEncoder, encode_to_store
+
+shards, store, progress, encoder, input_size = sys.argv[1:6]
+progress = pathlib.Path(progress)
+
+
+class DiesOnSecondShard(LatentEncoder):
+    calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == 2:  # die once the first shard is committed
+            deadline = time.monotonic() + 60
+            while not (progress.exists() and any(p.suffix == ".json" for p in progress.iterdir())):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            raise RuntimeError("injected failure")
+        return super().__call__(batch)
+
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+encode_to_store(EncodeConfig(shards=shards, store=store, encoder=encoder, input_size=int(input_size), flip=True,
+                             batch_size=3, progress=False, num_actors=1), encoder_cls=DiesOnSecondShard)
+"""
+
+
 def test_killed_encode_resumes_to_the_same_store(file_store, shards, tmp_path):
+    """The first job runs in a driver of its own (with its own Ray) that fails mid-way and exits, as a
+    killed job would; the rerun here finishes the remaining shards."""
     store = f"file://{tmp_path}/killed"
     progress = tmp_path / "killed" / latent_store.PROGRESS_DIR
-
-    class DiesOnSecondShard(LatentEncoder):
-        calls = 0
-
-        def __call__(self, batch):
-            self.calls += 1
-            if self.calls == 2:  # die once the first shard is committed
-                deadline = time.monotonic() + 60
-                while not (progress.exists() and any(p.suffix == ".json" for p in progress.iterdir())):
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-                raise RuntimeError("injected failure")
-            return super().__call__(batch)
-
-    with pytest.raises(Exception, match="injected failure"):
-        encode_to_store(config(shards, store, num_actors=1), encoder_cls=DiesOnSecondShard)
+    killed = subprocess.run([sys.executable, "-c", KILLED_JOB, shards, store, str(progress), ENCODER, str(INPUT_SIZE)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and "injected failure" in killed.stderr, killed.stderr[-2000:]
     done = len([p for p in progress.iterdir() if p.suffix == ".json"])
     assert 1 <= done < 3 and json.loads((tmp_path / "killed" / "manifest.json").read_text())["status"] == "in_progress"
 
