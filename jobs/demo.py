@@ -191,6 +191,10 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
                          decoder_export=decoder["export"], dit_export=dit["export"], samples_npz=samples["npz"],
                          timings=timings, total_seconds=time.perf_counter() - total_start)
     print(f"[demo] report: {time.perf_counter() - report_start:.0f} s")
+    spent = {name: t.get("first_run_seconds", t["seconds"]) for name, t in timings.items()}
+    print("[demo] where the time went: " + ", ".join(
+        f"{name} {seconds:.0f} s{' (reused)' if timings[name].get('reused') else ''}" for name, seconds in spent.items())
+        + f"; this run {time.perf_counter() - total_start:.0f} s", flush=True)
     return index
 
 

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import socket
+import urllib.request
 from collections.abc import Iterator
 
 S3_ENV = {
@@ -40,6 +41,9 @@ def s3_server(bucket: str = "rae-test") -> Iterator[str]:
     try:
         import s3fs
 
+        # moto keeps its buckets in process-global state: start every server from an empty one, so
+        # test modules sharing a pytest process never see each other's objects.
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
         s3fs.S3FileSystem.clear_instance_cache()
         s3fs.S3FileSystem().mkdir(bucket)
         yield endpoint

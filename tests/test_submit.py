@@ -25,7 +25,9 @@ def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("rayhead")
     gcs_port, dashboard_port = _free_port(), _free_port()
     ray = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # The job's entrypoint runs `python`: make it this environment's, as a cluster's setup does.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
                     "--dashboard-host=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp_dir}",
                     "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
