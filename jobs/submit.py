@@ -31,6 +31,7 @@ SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
                    "HF_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 90.0  # how long a just-started head may take to accept jobs
 
 
 def entrypoint_for(command: list[str]) -> str:
@@ -60,13 +61,21 @@ def submit(args: argparse.Namespace) -> int:
     entrypoint = entrypoint_for(args.rae_command)
     runtime_env = runtime_env_for(Path(args.working_dir), args.forward_secrets, dict(os.environ))
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env=runtime_env,
-        submission_id=args.job_id,
-        entrypoint_num_cpus=args.entrypoint_num_cpus,
-        entrypoint_num_gpus=args.entrypoint_num_gpus,
-    )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env,
+                submission_id=args.job_id,
+                entrypoint_num_cpus=args.entrypoint_num_cpus,
+                entrypoint_num_gpus=args.entrypoint_num_gpus,
+            )
+            break
+        except RuntimeError as error:  # a head that has just started has no job agent yet
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
     forwarded = ", ".join(sorted(runtime_env["env_vars"])) or "none"
     print(f"submitted job {job_id} to {address}")
     print(f"  entrypoint: {entrypoint}")
