@@ -10,6 +10,8 @@ data position is the step (the resumed epoch skips the batches it already traine
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import logging
 import math
 import tempfile
@@ -142,25 +144,29 @@ def _param_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class Task:
+class Task(ABC):
     """The model-specific part of a run. ``setup`` builds and shards the model(s) and optimizers;
     ``state`` names what a checkpoint holds; ``train_step`` takes one global step on this rank's
     micro-batches; ``export_state`` returns what the exported checkpoint holds."""
 
+    @abstractmethod
     def setup(self, ctx: RunContext) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def train_step(self, micro_batches: Sequence[Batch], step: int, lr: float) -> dict[str, float]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        raise NotImplementedError
+        ...
 
 
-class SingleModelTask(Task):
+class SingleModelTask(Task, ABC):
     """One model, AdamW, EMA: the DiT run, and the stand-in model in the scaffold's tests.
 
     Subclasses give ``build_model`` (unsharded, on CPU), ``shard_units`` (the modules wrapped
@@ -171,17 +177,20 @@ class SingleModelTask(Task):
         self.optim_config = optim
         self.ema_decay = ema_decay
 
+    @abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        ...
 
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         return []
 
+    @abstractmethod
     def per_sample_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def export_config(self) -> dict[str, Any]:
-        raise NotImplementedError
+        ...
 
     def setup(self, ctx: RunContext) -> None:
         self.ctx = ctx
