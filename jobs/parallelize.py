@@ -3,8 +3,11 @@
 The model files in ``rae/`` know nothing about sharding (torchtitan's ``parallelize`` step): this
 module wraps each transformer block with ``fully_shard`` as its own unit (so only one block's full
 parameters are materialised at a time), then the root, which picks up the embeddings and output
-layers. bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (gloo has no bf16
-reduce, and CPU bf16 matmuls are slow).
+layers. Precision and compilation are chosen here too: bf16 compute (autocast, and FSDP2's bf16
+parameters) with fp32 master weights and fp32 gradient reduction on GPU, plain fp32 on CPU (gloo has
+no bf16 reduce, and CPU bf16 matmuls are slow); on GPU each transformer block's ``forward`` is
+compiled with ``torch.compile`` (regional compilation: the blocks share one graph, so a 28-block
+trunk compiles once, and the state-dict keys stay those of the plain model).
 """
 from __future__ import annotations
 
@@ -47,6 +50,40 @@ def plan_batches(global_batch: int, world: int, max_micro_batch: int) -> BatchPl
     raise AssertionError("unreachable: accum = per_rank always fits")
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run: bf16, or None for plain fp32. ``auto``: bf16 on CUDA, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"loop.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def compile_enabled(mode: str, device: torch.device) -> bool:
+    """Whether blocks are compiled. ``auto``: on CUDA only (on CPU the compile time outweighs the gain
+    at the sizes a CPU trains)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"loop.compile must be one of {COMPILE_MODES}, got {mode!r}")
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context of a forward pass; a no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def compile_units(units: Iterable[nn.Module]) -> None:
+    """Compile each unit's ``forward`` in place. Identical blocks share one compiled graph; hooks
+    (FSDP2's all-gather and reshard) stay outside the compiled region, and the module tree and its
+    state-dict keys are unchanged, so checkpoints and EMA exports do not depend on compilation."""
+    for unit in units:
+        unit.forward = torch.compile(unit.forward)
+
+
 def training_device() -> torch.device:
     """The local GPU when CUDA is usable, else the CPU (a logical Ray GPU on a CPU box is not)."""
     if torch.cuda.is_available():
@@ -56,28 +93,33 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
-def mixed_precision(device: torch.device):
-    """bf16 parameters/compute with fp32 gradient reduction on GPU; None (fp32) on CPU."""
+def mixed_precision(dtype: torch.dtype | None):
+    """FSDP2's policy: parameters gathered in ``dtype`` with fp32 gradient reduction; None for fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if device.type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return None
+    if dtype is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def shard_model(model: nn.Module, units: Iterable[nn.Module], device: torch.device) -> nn.Module:
-    """``fully_shard`` each module in ``units`` (transformer blocks, the DDT head's blocks), then
-    the root. A no-op without a multi-rank process group, so the same loop runs in one process."""
+def shard_model(model: nn.Module, units: Iterable[nn.Module], device: torch.device, *,
+                dtype: torch.dtype | None = None, compile: bool = False) -> nn.Module:
+    """Compile (optionally) and ``fully_shard`` each module in ``units`` (transformer blocks, the DDT
+    head's blocks), then the root, gathering parameters in ``dtype`` (None: fp32). Sharding is a
+    no-op without a multi-rank process group, so the same loop runs in one process."""
+    units = list(units)
     model.to(device)
+    if compile:
+        compile_units(units)
     if not is_distributed():
         return model
     from torch.distributed.fsdp import fully_shard
 
-    policy = mixed_precision(device)
+    policy = mixed_precision(dtype)
     kwargs = {"mp_policy": policy} if policy is not None else {}
     for unit in units:
         fully_shard(unit, **kwargs)

@@ -167,7 +167,7 @@ class DecoderTask(Task):
                                f"differ from the driver's ({facts.encoder_digest[:12]}); is "
                                f"{config.encoder_weights!r} the same file on every node?")
         decoder = build_decoder(config.decoder, **self.decoder_kwargs())
-        self.decoder = shard_model(decoder, list(decoder.blocks), ctx.device)
+        self.decoder = shard_model(decoder, list(decoder.blocks), ctx.device, dtype=ctx.dtype)
         self.discriminator = build_discriminator(config.discriminator, weights=config.disc_weights,
                                                  input_size=config.disc_input_size).to(ctx.device)
         perceptual = build_perceptual_loss(facts.perceptual, weights=facts.perceptual_weights).to(ctx.device)

@@ -28,6 +28,9 @@ from jobs.lr_schedule import LRSchedule
 from jobs.parallelize import (
     BatchPlan,
     all_reduce_mean,
+    autocast,
+    compile_enabled,
+    compute_dtype,
     plan_batches,
     set_gradient_sync,
     shard_model,
@@ -65,6 +68,8 @@ class LoopConfig:
     keep_checkpoints: int = 3
     log_every_steps: int = 50
     shuffle_buffer: int = 0  # rows in Ray Data's local shuffle buffer; 0: stored order
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp32
+    compile: str = "auto"  # torch.compile each transformer block: auto (CUDA only), on, off
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -75,6 +80,8 @@ class RunContext:
     device: torch.device
     plan: BatchPlan
     steps_per_epoch: int = 0  # lets a task turn a step into fractional epochs (the GAN schedule)
+    dtype: torch.dtype | None = None  # autocast dtype of forward passes; None: fp32
+    compile: bool = False  # compile the model's transformer blocks
 
     def epoch(self, step: int) -> float:
         """Fractional epochs completed before ``step``."""
@@ -102,17 +109,19 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Batch],
                          per_sample_loss: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
     """Backward over the micro-batches so the gradients sum to those of their union's mean loss
     (equal-sized micro-batches). Gradients are *not* zeroed between micro-batches; under FSDP2
-    they are reduced across ranks only on the last one. Returns this rank's mean loss (detached)."""
+    they are reduced across ranks only on the last one. Returns this rank's mean loss (detached, on
+    the loss's device: reading it is left to the update, so micro-batches queue without a sync)."""
     count = len(micro_batches)
-    total = torch.zeros(())
+    total = None
     for index, batch in enumerate(micro_batches):
         set_gradient_sync(model, index == count - 1)
         losses = per_sample_loss(batch)
         if losses.dim() != 1:
             raise ValueError(f"per-sample loss must be 1-D (B,), got shape {tuple(losses.shape)}")
         (losses.mean() / count).backward()
-        total = total + losses.detach().float().mean().cpu() / count
-    return total
+        mean = losses.detach().float().mean() / count
+        total = mean if total is None else total + mean
+    return total if total is not None else torch.zeros(())
 
 
 @dataclass
@@ -195,7 +204,7 @@ class SingleModelTask(Task, ABC):
     def setup(self, ctx: RunContext) -> None:
         self.ctx = ctx
         model = self.build_model()
-        self.model = shard_model(model, self.shard_units(model), ctx.device)
+        self.model = shard_model(model, self.shard_units(model), ctx.device, dtype=ctx.dtype, compile=ctx.compile)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.optim_config.schedule.base_lr,
                                            betas=self.optim_config.betas,
                                            weight_decay=self.optim_config.weight_decay)
@@ -208,7 +217,12 @@ class SingleModelTask(Task, ABC):
         self.model.train()
         device = self.ctx.device
         batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
-        local = accumulate_gradients(self.model, batches, lambda b: self.per_sample_loss(self.model, b))
+
+        def loss(batch: Batch) -> torch.Tensor:
+            with autocast(device, self.ctx.dtype):
+                return self.per_sample_loss(self.model, batch)
+
+        local = accumulate_gradients(self.model, batches, loss)
         outcome = apply_update(self.model, self.optimizer, local, lr=lr,
                                grad_clip=self.optim_config.grad_clip)
         if not outcome.skipped:
@@ -268,8 +282,9 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
         raise ValueError(f"the dataset has {rows} rows, fewer than one global batch of "
                          f"{loop.global_batch_size}; lower global_batch_size")
     total_steps = steps_per_epoch * loop.epochs
-    ctx = RunContext(rank=rank, world=world, device=training_device(), plan=plan,
-                     steps_per_epoch=steps_per_epoch)
+    device = training_device()
+    ctx = RunContext(rank=rank, world=world, device=device, plan=plan, steps_per_epoch=steps_per_epoch,
+                     dtype=compute_dtype(loop.precision, device), compile=compile_enabled(loop.compile, device))
     torch.manual_seed(loop.seed)  # identical initial weights on every rank, before sharding
     task.setup(ctx)
 

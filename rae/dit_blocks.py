@@ -131,6 +131,16 @@ class LabelEmbedder(nn.Module):
 #                               Transformer block                               #
 #################################################################################
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm in the input's dtype. Under bf16 autocast the activations are bf16 while the weight
+    stays fp32, and that mismatch sends ``nn.RMSNorm`` to its unfused fallback (several kernels
+    and passes over the activations); the fused kernel accumulates in fp32 either way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -166,9 +176,9 @@ class DiTBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = nn.RMSNorm(width, eps=1e-6)
+        self.norm1 = RMSNorm(width, eps=1e-6)
         self.attn = Attention(width, heads)
-        self.norm2 = nn.RMSNorm(width, eps=1e-6)
+        self.norm2 = RMSNorm(width, eps=1e-6)
         # SwiGLU with 2/3 of the usual hidden width keeps the parameter count of a GELU MLP.
         self.mlp = SwiGLU(width, int(2 / 3 * mlp_ratio * width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
@@ -188,7 +198,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, width: int, out_dim: int):
         super().__init__()
-        self.norm = nn.RMSNorm(width, eps=1e-6)
+        self.norm = RMSNorm(width, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, out_dim)
         for layer in (self.adaLN_modulation[-1], self.linear):
