@@ -53,7 +53,8 @@ def _register_encode(subparsers: argparse._SubParsersAction) -> None:
     encode.add_argument("--input-size", type=int, help="encoder input size (default: the preset's)")
     encode.add_argument("--flip", action="store_true", help="also store a horizontally flipped view of each image")
     encode.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored latent dtype")
-    encode.add_argument("--batch-size", type=int, default=64, help="images per encoder forward")
+    encode.add_argument("--batch-size", type=int, default=256,
+                        help="images per encoder forward (256 was the fastest for DINOv2-B at bf16 on an H200)")
     encode.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                         help="auto: one GPU per actor when the cluster has GPUs, else CPU")
     encode.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, or 1 on CPU)")

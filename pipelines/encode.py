@@ -29,6 +29,7 @@ from pipelines import latent_store, storage
 from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
+from pipelines.encoder_actor import LatentEncoder
 from pipelines.streaming import streamed_batches
 from rae.encoders import DEFAULT_ENCODER, RepresentationEncoder, load_encoder
 
@@ -45,7 +46,7 @@ class EncodeConfig:
     input_size: int | None = None         # encoder input size; None: the preset's (224 for DINOv2-B)
     flip: bool = False                    # also store a horizontally flipped view (view=1)
     latent_dtype: str = "float16"
-    batch_size: int = 64                  # images per encoder forward
+    batch_size: int = 256                 # images per encoder forward (256: the fastest DINOv2-B batch on an H200)
     device: str = "auto"                  # auto: one GPU per actor when the cluster has GPUs, else CPU
     num_actors: int | None = None         # encoder pool size; None: number of GPUs (or 1 on CPU)
     gpu_wait_s: float = 600.0             # how long GPU actors may take to start before the job fails
@@ -71,45 +72,6 @@ class EncodeResult:
     rows: int
     rejected: int
     manifest: dict
-
-
-class LatentEncoder:
-    """Encoder actor: one shard's images in, its latents out, in the store dtype.
-
-    Loads the encoder once; uses CUDA when the actor got a usable GPU, CPU otherwise (a logical
-    Ray GPU without CUDA is not usable). bf16 autocast on GPU; the output is cast to the store dtype.
-    """
-
-    def __init__(self, encoder: str, weights: str | None, input_size: int | None, flip: bool,
-                 latent_dtype: str, batch_size: int, weights_digest: str):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.encoder: RepresentationEncoder = load_encoder(encoder, weights=weights, input_size=input_size,
-                                                           device=self.device)
-        if self.encoder.weights_digest != weights_digest:
-            raise RuntimeError(f"encoder weights on this worker (sha256 {self.encoder.weights_digest[:12]}) differ "
-                               f"from the driver's ({weights_digest[:12]}); is {weights!r} the same file everywhere?")
-        self.flip, self.batch_size = flip, batch_size
-        self.dtype = latent_store.LATENT_DTYPES[latent_dtype][0]
-
-    @torch.inference_mode()
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """(n, S, S, 3) uint8 -> (n, V, N, C) latents, V = 2 with the flipped view."""
-        outputs = []
-        for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.array(images[start:start + self.batch_size])).to(self.device)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            views = [x, x.flip(-1)] if self.flip else [x]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                z = torch.stack([self.encoder(v).float() for v in views], dim=1)
-            outputs.append(z.cpu().numpy().astype(self.dtype))
-        if not outputs:
-            n, c = self.encoder.spec.latent_shape
-            return np.zeros((0, 2 if self.flip else 1, n, c), self.dtype)
-        return np.concatenate(outputs)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        latents = self.encode(batch["images"][0])
-        return {"shard_index": batch["shard_index"], "meta": batch["meta"], "latents": latents[None]}
 
 
 def commit_shard_batch(batch: dict[str, np.ndarray], *, store: str, manifest: dict,
@@ -188,6 +150,9 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
         log.warning("encoder actors ask for a GPU but the cluster has none now; waiting up to %ss for one "
                     "(an autoscaler may add GPU nodes)", config.gpu_wait_s)
     pool = config.num_actors or (max(1, gpus) if use_gpu else 1)
+    # Ray starts a num_cpus=1 actor with OMP_NUM_THREADS=1; on CPU the encoder is the job's whole
+    # cost (decoding is ~2% of it), so each CPU actor uses its share of the cluster's cores.
+    cpu_threads = None if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // pool)
 
     rows = []
     for index in pending:
@@ -206,7 +171,8 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
     bar = tqdm(total=len(pending), unit="shard", desc="encode", disable=not config.progress)
     try:
         ds = _build_dataset(config, encoder, manifest, shards, pending, rows, class_names, encoder_cls,
-                            use_gpu=use_gpu, pool=pool, commit_on_workers=not store_local)
+                            use_gpu=use_gpu, pool=pool, cpu_threads=cpu_threads,
+                            commit_on_workers=not store_local)
         commit_kwargs = {"store": config.store, "manifest": manifest, "storage_options": opts}
         with streamed_batches(ds, batch_size=1, batch_format="numpy", prefetch_batches=0) as batches:
             for batch in batches:
@@ -227,7 +193,7 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
 
 def _build_dataset(config: EncodeConfig, encoder: RepresentationEncoder, manifest: dict, shards: list[ShardInfo],
                    pending: list[int], rows: list[dict], class_names: list[str] | None, encoder_cls: type, *,
-                   use_gpu: bool, pool: int, commit_on_workers: bool):
+                   use_gpu: bool, pool: int, cpu_threads: int | None, commit_on_workers: bool):
     opts = config.storage_options
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     # A decode task holds a shard and its decoded crops: ask for that memory. Asking for it also
@@ -242,7 +208,7 @@ def _build_dataset(config: EncodeConfig, encoder: RepresentationEncoder, manifes
         fn_constructor_kwargs={"encoder": config.encoder, "weights": config.weights,
                                "input_size": encoder.spec.input_size, "flip": config.flip,
                                "latent_dtype": config.latent_dtype, "batch_size": config.batch_size,
-                               "weights_digest": encoder.weights_digest},
+                               "weights_digest": encoder.weights_digest, "cpu_threads": cpu_threads},
         **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
     if commit_on_workers:
         ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=0.25, fn_kwargs={

@@ -1,0 +1,98 @@
+"""The encoder actor of the encode job: one shard's decoded crops in, its latents out.
+
+Kept free of Ray (Ray Data instantiates it in an actor pool; benchmarks and tests call it directly),
+so it runs wherever torch and timm do.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from rae.encoders import RepresentationEncoder, load_encoder
+
+
+class LatentEncoder:
+    """Encoder actor: one shard's images in, its latents out, in the store dtype.
+
+    Loads the encoder once; uses CUDA when the actor got a usable GPU, CPU otherwise (a logical
+    Ray GPU without CUDA is not usable). On GPU: bf16 autocast, and latents cast to the store dtype
+    before they leave the device (half the bytes copied back for float16). On CPU: ``cpu_threads``
+    torch threads (a ``num_cpus=1`` Ray actor starts with one), at most the cores this process may use.
+    """
+
+    def __init__(self, encoder: str, weights: str | None, input_size: int | None, flip: bool,
+                 latent_dtype: str, batch_size: int, weights_digest: str, cpu_threads: int | None = None):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(max(1, min(cpu_threads, len(os.sched_getaffinity(0)))))
+        self.encoder: RepresentationEncoder = load_encoder(encoder, weights=weights, input_size=input_size,
+                                                           device=self.device)
+        if self.encoder.weights_digest != weights_digest:
+            raise RuntimeError(f"encoder weights on this worker (sha256 {self.encoder.weights_digest[:12]}) differ "
+                               f"from the driver's ({weights_digest[:12]}); is {weights!r} the same file everywhere?")
+        self.flip, self.batch_size = flip, batch_size
+        self.dtype = np.dtype(latent_dtype)
+        self.torch_dtype = torch.from_numpy(np.zeros(0, self.dtype)).dtype
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """(n, S, S, 3) uint8 -> (n, V, N, C) latents, V = 2 with the flipped view."""
+        n, c = self.encoder.spec.latent_shape
+        out = np.empty((len(images), 2 if self.flip else 1, n, c), self.dtype)
+        if self.device.type == "cuda":
+            self._encode_pipelined(images, out)
+        else:
+            for start in range(0, len(images), self.batch_size):
+                x = torch.from_numpy(np.array(images[start:start + self.batch_size]))
+                out[start:start + len(x)] = self._latents(x).numpy()
+        return out
+
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        """(b, S, S, 3) uint8 on the device -> (b, V, N, C) latents in the store dtype, on the device."""
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        views = [x, x.flip(-1)] if self.flip else [x]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return torch.stack([self.encoder(v).float() for v in views], dim=1).to(self.torch_dtype)
+
+    def _encode_pipelined(self, images: np.ndarray, out: np.ndarray) -> None:
+        """Batches through two pinned host slots, so the host's copies (crops in, latents out) overlap
+        the GPU's work on the other slot instead of idling it: with one synchronous batch at a time
+        the GPU ran DINOv2-B at a third of its rate (benchmarks/README.md)."""
+        slots = self._pinned_slots(images.shape[1:], out.shape[1:])
+        pending: list[tuple[int, int, torch.cuda.Event] | None] = [None, None]
+
+        def drain(slot: int) -> None:
+            if pending[slot] is not None:
+                start, stop, done = pending[slot]
+                done.synchronize()
+                out[start:stop] = slots[slot][1][:stop - start].numpy()
+                pending[slot] = None
+
+        for index, start in enumerate(range(0, len(images), self.batch_size)):
+            slot = index % 2
+            drain(slot)  # its previous batch is back on the host and its input buffer is free
+            stop = min(start + self.batch_size, len(images))
+            host_in, host_out = slots[slot]
+            np.copyto(host_in[:stop - start].numpy(), images[start:stop])
+            latents = self._latents(host_in[:stop - start].to(self.device, non_blocking=True))
+            host_out[:stop - start].copy_(latents, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            pending[slot] = (start, stop, done)
+        for slot in (0, 1):
+            drain(slot)
+
+    def _pinned_slots(self, image_shape: tuple, latent_shape: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        key = (tuple(image_shape), tuple(latent_shape))
+        if getattr(self, "_slots_key", None) != key:
+            b = self.batch_size
+            self._slots = [(torch.empty((b, *image_shape), dtype=torch.uint8).pin_memory(),
+                            torch.empty((b, *latent_shape), dtype=self.torch_dtype).pin_memory()) for _ in range(2)]
+            self._slots_key = key
+        return self._slots
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        latents = self.encode(batch["images"][0])
+        return {"shard_index": batch["shard_index"], "meta": batch["meta"], "latents": latents[None]}
