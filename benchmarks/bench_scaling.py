@@ -1,6 +1,7 @@
 """Scaling: time per epoch against the number of Ray Train workers on a simulated multi-node Ray
 cluster (``ray.cluster_utils.Cluster``: a head with no CPUs and worker nodes of 2 logical CPUs, all
-on this machine), and a paper-and-pencil projection of DiT^DH-XL on ImageNet at 8 and 64 GPUs.
+on this machine), and a paper-and-pencil projection of DiT^DH-XL on ImageNet at 8 and 64 GPUs from
+the one-GPU training rate bench_dit_gpu measured (an assumed 40% MFU of an H100 where it has not run).
 
 The simulated nodes share this machine's cores, so the measured curve shows Ray's coordination
 cost (gloo collectives, data split, barriers) as workers spread over nodes, not a speedup.
@@ -9,28 +10,48 @@ cost (gloo collectives, data split, barriers) as workers spread over nodes, not 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from benchmarks.bench_train_step import Setup, ray_step_time, run_config
-from benchmarks.common import Recorder, make_latent_store, parse_args
+from benchmarks.common import RESULTS_DIR, Recorder, make_latent_store, parse_args
 from benchmarks.flops import config_of, train_flops_per_image
 
 IMAGENET_IMAGES = 1_281_167
 H100_BF16_DENSE_PEAK = 989.4e12       # H100 SXM5, dense bf16 tensor-core FLOP/s (NVIDIA datasheet)
-ASSUMED_MFU = 0.40                    # achieved model FLOPs utilisation; replace with bench_dit_gpu's
+ASSUMED_MFU = 0.40                    # used only when bench_dit_gpu has not been run on a GPU
 ASSUMED_EFFICIENCY = {8: 0.95, 64: 0.85}  # data-parallel scaling efficiency: one NVLink node, 8 nodes on IB
 LATENT_BYTES = 256 * 768 * 2          # one float16 DINOv2-B latent read per image
+# The trainer's GPU defaults (bf16 autocast, compiled blocks, flash SDPA, micro-batch 64).
+TRAINER_DEFAULT_VARIANT = "ditdh-xl bf16 compile=on attention=flash micro=64"
+
+
+def measured_gpu_rate(results_dir: Path = RESULTS_DIR) -> dict | None:
+    """DiT^DH-XL training images/s on one GPU with the trainer's defaults, from bench_dit_gpu's result."""
+    path = results_dir / "dit_gpu.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    row = record["results"].get("throughput", {}).get(TRAINER_DEFAULT_VARIANT)
+    if not row or "images_per_s" not in row:
+        return None
+    return {"images_per_s": row["images_per_s"], "mfu": row["mfu"], "gpu": record["device"].get("gpu"),
+            "measured": record["date"], "variant": TRAINER_DEFAULT_VARIANT, "source": "benchmarks/results/dit_gpu.json"}
 
 
 def projection() -> dict:
     flops = train_flops_per_image(config_of("ditdh-xl"))
-    per_gpu = H100_BF16_DENSE_PEAK * ASSUMED_MFU / flops  # images/s on one GPU
+    measured = measured_gpu_rate()
+    if measured:  # an H100 SXM has the H200's bf16 peak; the H200's extra memory bandwidth matters little here
+        per_gpu, basis = measured["images_per_s"], {"measured_one_gpu": measured}
+    else:
+        per_gpu = H100_BF16_DENSE_PEAK * ASSUMED_MFU / flops
+        basis = {"peak_flops_per_gpu": H100_BF16_DENSE_PEAK, "assumed_mfu": ASSUMED_MFU}
     out = {"assumptions": {"images": IMAGENET_IMAGES, "model": "ditdh-xl (256 tokens x 768)",
                            "train_flops_per_image": flops, "flops_rule": "3 x forward, analytic (benchmarks/flops.py)",
-                           "peak_flops_per_gpu": H100_BF16_DENSE_PEAK, "mfu": ASSUMED_MFU,
-                           "scaling_efficiency": ASSUMED_EFFICIENCY, "latent_bytes_per_image": LATENT_BYTES},
+                           **basis, "scaling_efficiency": ASSUMED_EFFICIENCY, "latent_bytes_per_image": LATENT_BYTES},
            "images_per_s_per_gpu": per_gpu}
     for gpus, efficiency in ASSUMED_EFFICIENCY.items():
         rate = per_gpu * gpus * efficiency
