@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-import torch
 from tqdm.auto import tqdm
 
 from pipelines import latent_store, storage
+from pipelines.encoder_actor import LatentEncoder
 from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
-from pipelines.encoder_actor import LatentEncoder
 from pipelines.streaming import streamed_batches
 from rae.encoders import DEFAULT_ENCODER, RepresentationEncoder, load_encoder
 

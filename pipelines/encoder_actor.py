@@ -35,6 +35,8 @@ class LatentEncoder:
         self.flip, self.batch_size = flip, batch_size
         self.dtype = np.dtype(latent_dtype)
         self.torch_dtype = torch.from_numpy(np.zeros(0, self.dtype)).dtype
+        self._slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # pinned (crops, latents) x 2, on first GPU use
+        self._slots_key: tuple | None = None
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -86,7 +88,7 @@ class LatentEncoder:
 
     def _pinned_slots(self, image_shape: tuple, latent_shape: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
         key = (tuple(image_shape), tuple(latent_shape))
-        if getattr(self, "_slots_key", None) != key:
+        if self._slots_key != key:
             b = self.batch_size
             self._slots = [(torch.empty((b, *image_shape), dtype=torch.uint8).pin_memory(),
                             torch.empty((b, *latent_shape), dtype=self.torch_dtype).pin_memory()) for _ in range(2)]
