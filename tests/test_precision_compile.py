@@ -95,3 +95,57 @@ def test_compiled_blocks_keep_keys_and_numbers_and_share_one_graph():
     assert expected.abs().mean() > 0.1
     torch.testing.assert_close(compiled(x, t, y), expected, atol=1e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1  # three blocks, one compiled graph
+
+
+def _fsdp_losses(rank: int, port: int, compile: bool, queue) -> None:
+    """Three AdamW steps of a DiT^DH sharded over 2 gloo ranks; rank 0 reports the losses."""
+    import os
+
+    import torch.distributed as dist
+
+    from rae.transport import training_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_dit("ditdh-tiny", latent_channels=384, grid=4, num_classes=4)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.05)
+    model = shard_model(model, [*model.blocks, *model.head_blocks], CPU, compile=compile)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        loss = training_loss(model, torch.randn(2, 16, 384, generator=g), torch.tensor([0, 1]), generator=g).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    if rank == 0:
+        queue.put(losses)
+    dist.destroy_process_group()
+
+
+def test_compiled_blocks_under_fsdp2_train_like_eager_ones():
+    """The GPU default on several GPUs: blocks compiled, then sharded with FSDP2 (here over gloo)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = {}
+    for compile in (False, True):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        queue = context.Queue()
+        ranks = [context.Process(target=_fsdp_losses, args=(r, port, compile, queue)) for r in range(2)]
+        for p in ranks:
+            p.start()
+        results[compile] = queue.get(timeout=300)
+        for p in ranks:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    assert results[True] == pytest.approx(results[False], rel=1e-5)
