@@ -72,7 +72,7 @@ def trainer_step(preset: str, *, global_batch: int, micro: int, precision: str, 
     step ends by reading the loss and gradient norm, a device sync). ``peak`` None: no MFU (CPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from jobs.parallelize import compute_dtype, plan_batches
+    from jobs.parallelize import compile_enabled, compute_dtype, plan_batches
     from jobs.train_dit import DiTRunConfig, DiTTask, StoreFacts
     from jobs.train_scaffold import LoopConfig, RunContext
 
@@ -88,7 +88,8 @@ def trainer_step(preset: str, *, global_batch: int, micro: int, precision: str, 
                        num_classes=1000)
     task = DiTTask(DiTRunConfig(model=preset, loop=loop), facts)
     task.setup(RunContext(rank=0, world=1, device=device, plan=plan, steps_per_epoch=1000,
-                          dtype=compute_dtype(precision, device), compile=compile))
+                          dtype=compute_dtype(loop.precision, device),
+                          compile=compile_enabled(loop.compile, device)))  # as fit() derives them
     cfg = task.model.config
     micro_batches = [{"latent": torch.randn(plan.micro, cfg.num_tokens, cfg.latent_channels),
                       "label": torch.randint(0, cfg.num_classes, (plan.micro,))} for _ in range(plan.accum_steps)]
