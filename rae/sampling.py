@@ -14,7 +14,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from rae.transport import VelocityModel, shift_timesteps
+from rae.transport import SHIFT_BASE_DIM, VelocityModel, shift_timesteps
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
@@ -27,7 +27,7 @@ class SamplerConfig:
     num_steps: int = 50
     t_min: float = 0.001
     shift: bool = True
-    shift_base_dim: int = 4096
+    shift_base_dim: int = SHIFT_BASE_DIM
 
     def __post_init__(self) -> None:
         if self.method not in ("euler", "heun"):
@@ -43,7 +43,7 @@ def time_grid(
     *,
     t_min: float = 0.001,
     latent_dim: int | None = None,
-    base_dim: int = 4096,
+    base_dim: int = SHIFT_BASE_DIM,
 ) -> Tensor:
     """num_steps + 1 decreasing times (float64): `num_steps` points evenly spaced from 1 to t_min,
     shifted for a latent of `latent_dim` values (no shift when None), then a final 0.

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 VelocityModel = Callable[[Tensor, Tensor, Tensor], Tensor]
+# Latent size (number of values) whose training and sampling times are not shifted (alpha = 1): the paper's base.
+SHIFT_BASE_DIM = 4096
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class TransportConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: bool = True
-    shift_base_dim: int = 4096
+    shift_base_dim: int = SHIFT_BASE_DIM
 
     def __post_init__(self) -> None:
         if self.time_distribution not in ("uniform", "logit_normal"):
@@ -42,14 +44,14 @@ class TransportConfig:
             raise ValueError(f"shift_base_dim must be >= 1, got {self.shift_base_dim}")
 
 
-def shift_alpha(latent_dim: int, base_dim: int = 4096) -> float:
+def shift_alpha(latent_dim: int, base_dim: int = SHIFT_BASE_DIM) -> float:
     """alpha = sqrt(m / n): 6.928 for the 16 x 16 x 768 = 196,608-value DINOv2-B latent."""
     if latent_dim < 1 or base_dim < 1:
         raise ValueError(f"latent_dim and base_dim must be >= 1, got {latent_dim} and {base_dim}")
     return math.sqrt(latent_dim / base_dim)
 
 
-def shift_timesteps(t: Tensor, latent_dim: int, base_dim: int = 4096) -> Tensor:
+def shift_timesteps(t: Tensor, latent_dim: int, base_dim: int = SHIFT_BASE_DIM) -> Tensor:
     """t' = alpha * t / (1 + (alpha - 1) * t): monotone, fixes 0 and 1, pushes t towards noise for alpha > 1."""
     alpha = shift_alpha(latent_dim, base_dim)
     return alpha * t / (1 + (alpha - 1) * t)
