@@ -66,7 +66,7 @@ def measured_peak(n: int, iters: int) -> float:
 
 def trainer_step(preset: str, *, global_batch: int, micro: int, precision: str, compile: bool, attention: str,
                  steps: int, warmup: int, peak: float | None, device: torch.device,
-                 grid: int = 16, channels: int = 768) -> dict:
+                 encoder: str = "dinov2-b-reg4", input_size: int = 224) -> dict:
     """Images/s, tokens/s and MFU of ``DiTTask.train_step`` on one device, batches handed over on
     the host as the data pipeline does; the step's time is taken between host-side returns (each
     step ends by reading the loss and gradient norm, a device sync). ``peak`` None: no MFU (CPU)."""
@@ -75,6 +75,7 @@ def trainer_step(preset: str, *, global_batch: int, micro: int, precision: str, 
     from jobs.parallelize import compile_enabled, compute_dtype, plan_batches
     from jobs.train_dit import DiTRunConfig, DiTTask, StoreFacts
     from jobs.train_scaffold import LoopConfig, RunContext
+    from rae.encoders import ENCODER_PRESETS
 
     torch._dynamo.reset()
     on_gpu = device.type == "cuda"
@@ -84,8 +85,9 @@ def trainer_step(preset: str, *, global_batch: int, micro: int, precision: str, 
     plan = plan_batches(global_batch, 1, micro)
     loop = LoopConfig(global_batch_size=global_batch, max_micro_batch=micro, precision=precision,
                       compile="on" if compile else "off")
-    facts = StoreFacts(url="benchmark://random-latents", rows=global_batch * 1000, grid=grid, channels=channels,
-                       num_classes=1000)
+    latents = ENCODER_PRESETS[encoder].with_input_size(input_size).latent_spec("random-latents")
+    facts = StoreFacts(url="benchmark://random-latents", rows=global_batch * 1000, num_classes=1000,
+                       latent_spec=latents)
     task = DiTTask(DiTRunConfig(model=preset, loop=loop), facts)
     task.setup(RunContext(rank=0, world=1, device=device, plan=plan, steps_per_epoch=1000,
                           dtype=compute_dtype(loop.precision, device),
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             rec.add("cpu_trainer_step", trainer_step(
                 "ditdh-tiny", global_batch=config["global_batch"], micro=config["micro_batch"], precision="fp32",
                 compile=False, attention="math", steps=config["steps"], warmup=config["warmup"], peak=None,
-                device=torch.device("cpu"), grid=4, channels=384))
+                device=torch.device("cpu"), encoder="dinov2-s-offline", input_size=56))
         rec.write()
         return
     peak = measured_peak(config["matmul_n"], 10 if quick else 50)

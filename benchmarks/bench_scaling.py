@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray.cluster_utils import Cluster
 
     from benchmarks.common import export_pythonpath, start_ray
-    from jobs.train_dit import check_store_matches
+    from jobs.train_dit import store_facts
     from pipelines.store_reader import open_store
 
     args = parse_args(__doc__.splitlines()[0], argv)
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
             cluster.add_node(num_cpus=config["logical_cpus_per_node"], object_store_memory=150 * 2**20)
         start_ray(address=cluster.address)
         store = make_latent_store(f"file://{work}/store", rows=config["global_batch"] * config["steps_per_epoch"],
-                                  tokens=grid * grid, channels=384, input_size=grid * 14)
-        setup = Setup(store, "ditdh-tiny", grid * 14, config["global_batch"], config["steps_per_epoch"], threads=1)
-        facts = check_store_matches(open_store(store).manifest, run_config(setup), store)
+                                  input_size=grid * 14)
+        setup = Setup(store, "ditdh-tiny", config["global_batch"], config["steps_per_epoch"], threads=1)
+        facts = store_facts(open_store(store).manifest, run_config(setup), store)
         epochs = {}
         for workers in config["workers"]:
             out = ray_step_time(setup, facts, workers, work, f"scaling-{workers}")

@@ -31,7 +31,8 @@ from pipelines.store_reader import latent_dataset, open_store, read_latents
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
     quick = args.quick
-    config = {"rows": 128 if quick else 2048, "tokens": 16 if quick else 256, "channels": 384 if quick else 768,
+    config = {"rows": 128 if quick else 2048, "encoder": "dinov2-s-offline" if quick else "dinov2-b-reg4",
+              "input_size": 56 if quick else 224, "tokens": 16 if quick else 256, "channels": 384 if quick else 768,
               "parts": 2 if quick else 4, "batch_size": 16 if quick else 64, "latent_dtype": "float16",
               "repeats": 1 if quick else 3, "page_cache": "warm (a first untimed raw read)",
               "ray_paths": "steady rate from the first batch to the last; the execution's start apart"}
@@ -39,10 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="rae-bench-store-"))
     started_ray = start_ray()
     try:
-        url = make_latent_store(f"file://{work}/store", rows=config["rows"], tokens=config["tokens"],
-                                channels=config["channels"], parts=config["parts"])
+        url = make_latent_store(f"file://{work}/store", rows=config["rows"], encoder=config["encoder"],
+                                input_size=config["input_size"], parts=config["parts"])
         store = open_store(url)
         shape = store.latent_shape
+        assert shape == (config["tokens"], config["channels"]), shape
         batches = config["rows"] // config["batch_size"]
         row_bytes = shape[0] * shape[1] * 2
         peaks: dict[str, float] = {}

@@ -34,9 +34,7 @@ from benchmarks.common import (
 from jobs.launch import launch
 from jobs.parallelize import plan_batches
 from jobs.train_scaffold import LoopConfig, RunContext, Task, fit, ray_shard_batches
-from jobs.train_dit import DiTRunConfig, DiTTask, StoreFacts, check_store_matches
-
-ENCODER = "dinov2-s-offline"
+from jobs.train_dit import DiTRunConfig, DiTTask, StoreFacts, store_facts
 
 
 class TimedTask(Task):
@@ -66,7 +64,6 @@ class TimedTask(Task):
 class Setup:
     store: str
     model: str
-    input_size: int
     global_batch: int
     steps: int
     threads: int
@@ -75,8 +72,7 @@ class Setup:
 def run_config(setup: Setup) -> DiTRunConfig:
     loop = LoopConfig(epochs=1, global_batch_size=setup.global_batch, max_micro_batch=setup.global_batch,
                       checkpoint_every_steps=setup.steps, log_every_steps=10**6, shuffle_buffer=0)
-    return DiTRunConfig(store=setup.store, model=setup.model, encoder=ENCODER, encoder_input_size=setup.input_size,
-                        loop=loop)
+    return DiTRunConfig(store=setup.store, model=setup.model, loop=loop)
 
 
 def _ray_train_fn(payload: dict) -> None:
@@ -151,11 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     started_ray = start_ray()
     try:
         store = make_latent_store(f"file://{work}/store", rows=config["global_batch"] * config["steps"],
-                                  tokens=grid * grid, channels=384, input_size=grid * 14, parts=2)
-        setup = Setup(store, "ditdh-tiny", grid * 14, config["global_batch"], config["steps"], threads=1)
+                                  input_size=grid * 14, parts=2)
+        setup = Setup(store, "ditdh-tiny", config["global_batch"], config["steps"], threads=1)
         from pipelines.store_reader import open_store
 
-        facts = check_store_matches(open_store(store).manifest, run_config(setup), store)
+        facts = store_facts(open_store(store).manifest, run_config(setup), store)
         counter = iter(range(10**6))
         details: dict[str, list[dict]] = {}
 

@@ -214,22 +214,24 @@ def write_photo_crops(root: Path, count: int, *, classes: int = 4, seed: int = 0
     return root
 
 
-def make_latent_store(url: str, *, rows: int, tokens: int, channels: int, classes: int = 4,
-                      parts: int = 2, encoder: str = "dinov2-s-offline", input_size: int = 56,
-                      seed: int = 0) -> str:
-    """A complete latent store of class-dependent Gaussian latents, written by the pipeline's own
-    writer (so it has the real format: Parquet parts, manifest, statistics)."""
+def make_latent_store(url: str, *, rows: int, classes: int = 4, parts: int = 2, encoder: str = "dinov2-s-offline",
+                      input_size: int = 56, seed: int = 0) -> str:
+    """A complete latent store of class-dependent Gaussian latents shaped as ``encoder`` at ``input_size``
+    makes them, written by the pipeline's own writer (so it has the real format: Parquet parts,
+    manifest, statistics)."""
     from pipelines import latent_store
     from pipelines.shards import ShardInfo
+    from rae.encoders import ENCODER_PRESETS
+    from rae.latent_spec import STATS_FILE
 
+    spec = ENCODER_PRESETS[encoder].with_input_size(input_size).latent_spec("synthetic", stats=STATS_FILE)
+    tokens, channels = spec.shape
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(classes, tokens, channels)).astype(np.float32)
     labels = rng.integers(0, classes, size=rows)
-    grid = int(round(tokens ** 0.5))
     shards = [ShardInfo(url=f"mem://shard-{i}.tar", name=f"shard-{i}.tar", size=1000 + i) for i in range(parts)]
     manifest = latent_store.new_manifest(
-        encoder={"name": encoder, "input_size": input_size, "grid": grid, "channels": channels},
-        preprocessing={"crop": "benchmark"}, latent_dtype="float16", latent_shape=(tokens, channels),
+        latent_spec=spec, preprocessing={"crop": "benchmark"}, latent_dtype="float16",
         shards=shards, class_names=[f"c{i}" for i in range(classes)], software={})
     latent_store.write_manifest(url, manifest)
     bounds = np.linspace(0, rows, parts + 1).astype(int)

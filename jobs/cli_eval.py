@@ -155,24 +155,17 @@ def _run_reference(args: argparse.Namespace) -> int:
 
 def _run_rfid(args: argparse.Namespace) -> int:
     from pipelines.eval_images import iter_reconstructions, iter_shard_images
-    from pipelines.sample_models import read_export_facts
+    from pipelines.exports import read_export_facts
     from rae.encoders import load_encoder
     from rae.evaluation import DinoV2Features, reconstruction_fid
+    from rae.latent_spec import check_same_latents
 
     device = _device(args.device)
-    facts = read_export_facts(args.decoder, "decoder")
-    recorded = facts.encoder
-    if "name" not in recorded:
-        raise ValueError(f"decoder export {args.decoder} records no encoder; rFID needs the encoder it was trained on")
-    encoder = load_encoder(recorded["name"], weights=args.encoder_weights, input_size=recorded.get("input_size"),
+    trained_on = read_export_facts(args.decoder, "decoder").latent_spec
+    encoder = load_encoder(trained_on.encoder, weights=args.encoder_weights, input_size=trained_on.input_size,
                            device=device)
-    want = recorded.get("weights_digest")
-    if want and encoder.weights_digest != want:
-        raise ValueError(f"encoder {recorded['name']} loaded weights sha256 {encoder.weights_digest[:12]}, but the "
-                         f"decoder {args.decoder} was trained on {want[:12]}; pass --encoder-weights with that file")
-    if tuple(encoder.spec.latent_shape) != facts.latent_shape:
-        raise ValueError(f"encoder {recorded['name']} gives latents {encoder.spec.latent_shape}; the decoder "
-                         f"{args.decoder} takes {facts.latent_shape}")
+    check_same_latents(trained_on, encoder.latent_spec(), f"the decoder {args.decoder}",
+                       "the encoder loaded here (pass --encoder-weights with the decoder's encoder file)")
     decoder, _ = load_exported_model(args.decoder, device)
     size = encoder.spec.image_size
 

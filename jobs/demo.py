@@ -152,8 +152,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     def dit_stage():
         rows = config.train_per_class * config.classes * (2 if config.flip_view else 1)
         run_config = load_config(DiTRunConfig(), None, [
-            f"store={store}", f"model={config.dit_model}", f"encoder={config.encoder}",
-            f"encoder_input_size={config.encoder_input_size}",
+            f"store={store}", f"model={config.dit_model}",
             f"loop.epochs={config.dit_epochs}", f"loop.global_batch_size={config.dit_batch}",
             f"loop.max_micro_batch={config.dit_batch}", "loop.log_every_steps=25",
             f"loop.checkpoint_every_steps={5 * max(1, rows // config.dit_batch)}",

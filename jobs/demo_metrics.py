@@ -72,16 +72,20 @@ def build_report(workdir: Path, config, *, images_classes: list[str], shards: di
                  decoder_export: str, dit_export: str, samples_npz: str, timings: dict,
                  total_seconds: float) -> Path:
     from jobs.export import load_exported_model
+    from pipelines.exports import read_export_facts
     from pipelines.sample_job import SampleConfig, plan_labels
     from pipelines.store_reader import read_latents
     from rae.encoders import OFFLINE_ENCODER, load_encoder
+    from rae.latent_spec import check_same_latents
     from rae.offline_weights import OFFLINE_DINOV2_CAVEAT
 
     folder = workdir / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    encoder = load_encoder(config.encoder, weights=config.encoder_weights, input_size=config.encoder_input_size)
+    latents = read_export_facts(decoder_export, "decoder").latent_spec
+    encoder = load_encoder(latents.encoder, weights=config.encoder_weights, input_size=latents.input_size)
+    check_same_latents(latents, encoder.latent_spec(), f"the decoder {decoder_export}", "the report's encoder")
     decoder, _ = load_exported_model(decoder_export)
-    size = encoder.spec.image_size
+    size = latents.image_size
     classes = len(images_classes)
 
     # Reconstructions of held-out crops.
@@ -137,8 +141,7 @@ def build_report(workdir: Path, config, *, images_classes: list[str], shards: di
            "this_invocation": round(total_seconds, 1)},
         "stages_reused": sorted(name for name, t in timings.items() if t.get("reused")),
         "classes": list(images_classes),  # label order
-        "encoder": {"name": encoder.spec.name, "input_size": encoder.spec.input_size,
-                    "latent_shape": list(encoder.spec.latent_shape), "weights_digest": encoder.weights_digest},
+        "latent_spec": latents.to_dict(),
     }
     for key, value in metrics["samples"].items():
         if isinstance(value, float) and not np.isfinite(value):
@@ -153,9 +156,8 @@ def build_report(workdir: Path, config, *, images_classes: list[str], shards: di
     if any(histories.values()):
         loss_curves({k: v for k, v in histories.items() if v}, folder / "loss_curves.png")
         figures.append(("loss_curves.png", "Training losses (averaged over each logging window)."))
-    notes = [f"Encoder: {encoder.spec.name} at {encoder.spec.input_size} px -> "
-             f"{encoder.spec.num_tokens} tokens x {encoder.spec.channels} channels, frozen."]
-    if encoder.spec.name == OFFLINE_ENCODER:
+    notes = [f"Latents: {latents.describe()}, from the frozen encoder."]
+    if latents.encoder == OFFLINE_ENCODER:
         notes.append(OFFLINE_DINOV2_CAVEAT)
     notes.append("Sizes are the demo's (a few hundred images, minutes of CPU): the numbers show the chain "
                  "works end to end, not the paper's FID. Class consistency: samples assigned to the nearest "

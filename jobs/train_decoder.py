@@ -38,7 +38,7 @@ import torch
 
 from jobs.checkpointing import ModelState
 from jobs.decoder_data import census, crop_dataset, crop_sizes
-from jobs.export import export_url, write_export
+from jobs.export import export_url
 from jobs.launch import absolute_storage, launch
 from jobs.lr_schedule import LRSchedule
 from jobs.parallelize import all_reduce_mean, average_gradients, set_gradient_sync, shard_model
@@ -54,11 +54,13 @@ from jobs.train_scaffold import (
     full_state_dict,
     ray_shard_batches,
 )
+from pipelines.exports import write_export
 from rae.decoder import DECODER_PRESETS, build_decoder
 from rae.decoder_loss import DecoderLoss, DecoderLossConfig
 from rae.discriminator import BACKBONES, build_discriminator
 from rae.ema import EMA
 from rae.encoders import DEFAULT_ENCODER, ENCODER_PRESETS, load_encoder
+from rae.latent_spec import LatentSpec
 from rae.perceptual import PERCEPTUAL_KINDS, build_perceptual_loss, default_vgg16_path
 
 logger = logging.getLogger(__name__)
@@ -98,12 +100,7 @@ class DecoderRunConfig:
 class DecoderFacts:
     """Everything resolved on the driver before launch: the encoder, the losses' networks, the data."""
 
-    encoder: str
-    encoder_input_size: int
-    encoder_digest: str
-    grid: int
-    channels: int
-    image_size: int
+    latent_spec: LatentSpec  # the encoder's latents (raw: no statistics), copied into the export
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     perceptual: str
@@ -153,18 +150,18 @@ class DecoderTask(Task):
 
     def decoder_kwargs(self) -> dict[str, Any]:
         facts = self.facts
-        return dict(latent_channels=facts.channels, grid=facts.grid, noise_tau=self.config.noise_tau,
-                    image_mean=list(facts.image_mean), image_std=list(facts.image_std),
+        return dict(latent_channels=facts.latent_spec.channels, grid=facts.latent_spec.grid,
+                    noise_tau=self.config.noise_tau, image_mean=list(facts.image_mean), image_std=list(facts.image_std),
                     **self.config.decoder_overrides)
 
     def setup(self, ctx: RunContext) -> None:
         self.ctx = ctx
         config, facts = self.config, self.facts
-        self.encoder = load_encoder(facts.encoder, weights=config.encoder_weights,
-                                    input_size=facts.encoder_input_size, device=ctx.device)
-        if self.encoder.weights_digest != facts.encoder_digest:
+        self.encoder = load_encoder(facts.latent_spec.encoder, weights=config.encoder_weights,
+                                    input_size=facts.latent_spec.input_size, device=ctx.device)
+        if self.encoder.weights_digest != facts.latent_spec.weights_digest:
             raise RuntimeError(f"encoder weights on worker {ctx.rank} (sha256 {self.encoder.weights_digest[:12]}) "
-                               f"differ from the driver's ({facts.encoder_digest[:12]}); is "
+                               f"differ from the driver's ({facts.latent_spec.weights_digest[:12]}); is "
                                f"{config.encoder_weights!r} the same file on every node?")
         decoder = build_decoder(config.decoder, **self.decoder_kwargs())
         self.decoder = shard_model(decoder, list(decoder.blocks), ctx.device, dtype=ctx.dtype)
@@ -250,9 +247,7 @@ class DecoderTask(Task):
         return full_state_dict(self.ema.shadow), {
             "kind": "decoder", "builder": "rae.decoder:build_decoder", "preset": self.config.decoder,
             "kwargs": self.decoder_kwargs(), "ema_decay": self.config.ema_decay,
-            "encoder": {"name": facts.encoder, "input_size": facts.encoder_input_size,
-                        "weights_digest": facts.encoder_digest, "grid": facts.grid, "channels": facts.channels},
-            "image_size": facts.image_size, "perceptual": facts.perceptual,
+            "latent_spec": facts.latent_spec.to_dict(), "perceptual": facts.perceptual,
             "discriminator": {"backbone": self.config.discriminator, "weights_digest": facts.disc_digest},
             "shards": self.config.shards, "crops": {"resize": facts.resize, "crop": facts.crop}}
 
@@ -285,11 +280,9 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
         build_decoder(config.decoder, latent_channels=spec.channels, grid=spec.grid,
                       noise_tau=config.noise_tau, **config.decoder_overrides)
     resize, crop = crop_sizes(spec.image_size, config.resize, config.crop)
-    return DecoderFacts(encoder=spec.name, encoder_input_size=spec.input_size, encoder_digest=encoder.weights_digest,
-                        grid=spec.grid, channels=spec.channels, image_size=spec.image_size,
-                        image_mean=tuple(spec.mean), image_std=tuple(spec.std), perceptual=perceptual,
-                        perceptual_weights=perceptual_weights, disc_digest=disc.weights_digest, rows=0,
-                        resize=resize, crop=crop)
+    return DecoderFacts(latent_spec=encoder.latent_spec(), image_mean=tuple(spec.mean), image_std=tuple(spec.std),
+                        perceptual=perceptual, perceptual_weights=perceptual_weights, disc_digest=disc.weights_digest,
+                        rows=0, resize=resize, crop=crop)
 
 
 def _train_fn(payload: dict) -> None:
@@ -315,8 +308,8 @@ def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, num_
     counted = census(config.shards, resize=facts.resize)
     facts = dataclasses.replace(facts, rows=counted.rows)
     print(f"[{run_name}] {counted.rows} usable images in {len(counted.shards)} shard(s) at {config.shards}, "
-          f"{len(counted.rejected)} skipped; crops {facts.resize} -> {facts.crop} px; encoder {facts.encoder} "
-          f"at {facts.encoder_input_size} px; perceptual loss {facts.perceptual}", flush=True)
+          f"{len(counted.rejected)} skipped; crops {facts.resize} -> {facts.crop} px; latents "
+          f"{facts.latent_spec.describe()}; perceptual loss {facts.perceptual}", flush=True)
     dataset = crop_dataset(counted, resize=facts.resize, crop=facts.crop)
     payload = {"config": config, "facts": facts, "run_name": run_name,
                "export_url": export_url(absolute_storage(storage), run_name)}

@@ -31,6 +31,7 @@ from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
 from pipelines.streaming import streamed_batches
 from rae.encoders import DEFAULT_ENCODER, RepresentationEncoder, load_encoder
+from rae.latent_spec import STATS_FILE
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "gpu")
@@ -97,16 +98,12 @@ def software_versions() -> dict:
 
 def plan_manifest(config: EncodeConfig, encoder: RepresentationEncoder, shards: list[ShardInfo],
                   class_names: list[str] | None) -> dict:
-    spec = encoder.spec
     return latent_store.new_manifest(
-        encoder={"name": spec.name, "timm_name": spec.timm_name, "weights_digest": encoder.weights_digest,
-                 "input_size": spec.input_size, "patch_size": spec.patch_size, "grid": spec.grid,
-                 "channels": spec.channels},
-        preprocessing={"crop": ADM_CROP, "image_size": spec.image_size, "color": "RGB (alpha over white)",
+        latent_spec=encoder.latent_spec(stats=STATS_FILE),
+        preprocessing={"crop": ADM_CROP, "color": "RGB (alpha over white)",
                        "views": ["original", "hflip"] if config.flip else ["original"],
                        "limits": dataclasses.asdict(config.limits)},
-        latent_dtype=config.latent_dtype, latent_shape=spec.latent_shape, shards=shards,
-        class_names=class_names, software=software_versions())
+        latent_dtype=config.latent_dtype, shards=shards, class_names=class_names, software=software_versions())
 
 
 def encode_to_store(config: EncodeConfig, *, encoder_cls: type = LatentEncoder) -> EncodeResult:

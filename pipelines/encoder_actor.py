@@ -41,7 +41,7 @@ class LatentEncoder:
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 -> (n, V, N, C) latents, V = 2 with the flipped view."""
-        n, c = self.encoder.spec.latent_shape
+        n, c = self.encoder.latent_spec().shape
         out = np.empty((len(images), 2 if self.flip else 1, n, c), self.dtype)
         if self.device.type == "cuda":
             self._encode_pipelined(images, out)

@@ -2,7 +2,7 @@
 
 Layout under the store URL::
 
-    manifest.json            format, encoder, preprocessing, latent dtype/shape, shards, counts, parts
+    manifest.json            format, latent_spec, preprocessing, latent storage, shards, counts, parts
     stats.safetensors        normalization statistics (rae.normalization.LatentStats), float64
     rejected.jsonl           one {"shard", "key", "reason"} per input that was not encoded
     parts/<shard-id>.parquet one part per source shard: key, label, view, latent
@@ -10,7 +10,9 @@ Layout under the store URL::
     _progress/<shard-id>.moments.npz that shard's partial moments (float64), merged in shard order
 
 ``latent`` is ``fixed_size_list<float16>[N*C]``: row-major ``(N, C)`` with ``N = grid**2`` tokens,
-readable by plain pyarrow and reshaped from the manifest (``latent.shape``) alone.
+readable by plain pyarrow and reshaped from the manifest's ``latent_spec`` (a
+:class:`rae.latent_spec.LatentSpec`: the encoder, its weights and input size, grid and channels)
+alone. The spec is written once, here; every export made from the store copies it verbatim.
 
 A shard counts as done only when its marker exists; the marker is written after the part and the
 moments, each written atomically, so a killed job leaves either a finished shard or nothing that is
@@ -34,12 +36,12 @@ import torch
 from pipelines import storage
 from pipelines.shards import ShardInfo
 from pipelines.storage import StorageOptions
+from rae.latent_spec import STATS_FILE, LatentSpec
 from rae.normalization import LatentStats, MomentAccumulator
 
 FORMAT = "rae-latent-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the latent space is one `latent_spec` (1 had `encoder` and `latent.shape`)
 MANIFEST = "manifest.json"
-STATS = "stats.safetensors"
 REJECTED = "rejected.jsonl"
 PARTS_DIR = "parts"
 PROGRESS_DIR = "_progress"
@@ -57,17 +59,19 @@ def shard_id(index: int, shard: ShardInfo) -> str:
     return f"{index:05d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}"
 
 
-def new_manifest(*, encoder: dict, preprocessing: dict, latent_dtype: str, latent_shape: tuple[int, int],
+def new_manifest(*, latent_spec: LatentSpec, preprocessing: dict, latent_dtype: str,
                  shards: list[ShardInfo], class_names: list[str] | None, software: dict) -> dict:
     if latent_dtype not in LATENT_DTYPES:
         raise ValueError(f"latent dtype {latent_dtype!r} is not supported; use one of {sorted(LATENT_DTYPES)}")
+    if latent_spec.stats != STATS_FILE:
+        raise ValueError(f"a store keeps its statistics in {STATS_FILE}; the latent spec names {latent_spec.stats!r}")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "status": "in_progress",
-        "encoder": encoder,
+        "latent_spec": latent_spec.to_dict(),
         "preprocessing": preprocessing,
-        "latent": {"column": LATENT_COLUMN, "dtype": latent_dtype, "shape": list(latent_shape),
+        "latent": {"column": LATENT_COLUMN, "dtype": latent_dtype,
                    "layout": "fixed_size_list of N*C values, row-major (N tokens, C channels)"},
         "shards": [{"url": s.url, "name": s.name, "size": s.size, "id": shard_id(i, s)} for i, s in enumerate(shards)],
         "classes": class_names,
@@ -76,13 +80,31 @@ def new_manifest(*, encoder: dict, preprocessing: dict, latent_dtype: str, laten
     }
 
 
+def latent_spec(manifest: dict, url: str) -> LatentSpec:
+    """The store's latent spec; a store of another format version is refused with what to do."""
+    check_format(manifest, url)
+    return LatentSpec.from_dict(manifest["latent_spec"], f"store {url} ({MANIFEST})")
+
+
+def check_format(manifest: dict, url: str) -> None:
+    if manifest.get("format") != FORMAT:
+        raise StoreMismatchError(f"{url} holds a {MANIFEST} that is not a {FORMAT} "
+                                 f"(format={manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreMismatchError(
+            f"store {url} has format version {version!r}; this version of rae reads version {FORMAT_VERSION} "
+            f"(the latent space recorded as one latent_spec). Re-encode the images with `rae encode` into a "
+            f"new --store URL")
+
+
 def identity(manifest: dict) -> dict:
-    """What makes two stores the same: format, encoder, preprocessing, latent layout, shard names and sizes."""
+    """What makes two stores the same: format, latent spec, preprocessing, latent dtype, shard names and sizes."""
     return {
         "format_version": manifest["format_version"],
-        "encoder": manifest["encoder"],
+        "latent_spec": manifest["latent_spec"],
         "preprocessing": manifest["preprocessing"],
-        "latent": {"dtype": manifest["latent"]["dtype"], "shape": list(manifest["latent"]["shape"])},
+        "latent": {"dtype": manifest["latent"]["dtype"]},
         "shards": [f"{s['name']} ({s['size']} bytes)" for s in manifest["shards"]],
     }
 
@@ -105,9 +127,7 @@ def differences(have: Any, want: Any, prefix: str = "") -> list[str]:
 
 
 def check_compatible(existing: dict, wanted: dict, url: str) -> None:
-    if existing.get("format") != FORMAT:
-        raise StoreMismatchError(f"{url} holds a {MANIFEST} that is not a {FORMAT} "
-                                 f"(format={existing.get('format')!r})")
+    check_format(existing, url)
     diff = differences(identity(existing), identity(wanted))
     if diff:
         raise StoreMismatchError(f"store {url} was made differently; refusing to mix:\n  " + "\n  ".join(diff)
@@ -136,16 +156,14 @@ def write_manifest(url: str, manifest: dict, storage_options: StorageOptions | N
 
 def latents_to_table(keys: list[str], labels: list[int], views: list[int], latents: np.ndarray) -> pa.Table:
     """Rows of a part; ``latents`` is (R, N, C) in a store dtype."""
-    rows, tokens, channels = latents.shape
+    _, tokens, channels = latents.shape
     flat = pa.array(np.ascontiguousarray(latents).reshape(-1))
-    table = pa.table({
+    return pa.table({
         "key": pa.array(keys, pa.string()),
         "label": pa.array(labels, pa.int64()),
         "view": pa.array(views, pa.int8()),
         LATENT_COLUMN: pa.FixedSizeListArray.from_arrays(flat, tokens * channels),
     })
-    meta = {b"rae.latent_shape": json.dumps([tokens, channels]).encode()}
-    return table.replace_schema_metadata(meta)
 
 
 def table_latents(table: pa.Table | pa.RecordBatch, shape: tuple[int, int] | list[int]) -> np.ndarray:
@@ -248,7 +266,7 @@ def finalize(store_url: str, manifest: dict, storage_options: StorageOptions | N
         raise ValueError(f"store {store_url}: no image in {len(manifest['shards'])} shard(s) could be encoded; "
                          f"see the {len(rejected)} rejected inputs, e.g. {rejected[:3]}")
     stats = total.to_stats()
-    storage.write_bytes(fs, storage.join(root, STATS), _stats_bytes(stats))
+    storage.write_bytes(fs, storage.join(root, STATS_FILE), _stats_bytes(stats))
     storage.write_bytes(fs, storage.join(root, REJECTED), "".join(json.dumps(r) + "\n" for r in rejected).encode())
     done = dict(manifest)
     done.update({
@@ -257,7 +275,7 @@ def finalize(store_url: str, manifest: dict, storage_options: StorageOptions | N
         "rows": sum(p["rows"] for p in parts),
         "images": sum(m["images"] for m in markers.values()),
         "rejected": len(rejected),
-        "stats": {"path": STATS, "count": int(stats.count), "eps": stats.eps, "has_mean": stats.mean is not None},
+        "stats": {"count": int(stats.count), "eps": stats.eps, "has_mean": stats.mean is not None},
         "rejected_list": REJECTED,
     })
     write_manifest(store_url, done, storage_options)
@@ -266,7 +284,7 @@ def finalize(store_url: str, manifest: dict, storage_options: StorageOptions | N
 
 def _stats_bytes(stats: LatentStats) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / STATS
+        path = Path(tmp) / STATS_FILE
         stats.save(path)
         return path.read_bytes()
 
@@ -274,6 +292,6 @@ def _stats_bytes(stats: LatentStats) -> bytes:
 def load_stats(store_url: str, manifest: dict, storage_options: StorageOptions | None = None) -> LatentStats:
     fs, root = storage.resolve(store_url, storage_options)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / STATS
-        path.write_bytes(fs.cat_file(storage.join(root, manifest["stats"]["path"])))
+        path = Path(tmp) / STATS_FILE
+        path.write_bytes(fs.cat_file(storage.join(root, latent_spec(manifest, store_url).stats)))
         return LatentStats.load(path)

@@ -33,18 +33,10 @@ import ray
 from PIL import Image
 
 from pipelines import storage
+from pipelines.exports import ExportFacts, load_latent_stats, read_export_facts
+from pipelines.sample_models import Guidance, ImageSampler, Loader, item_seed, pick_device
 from pipelines.streaming import streamed_batches
-from pipelines.sample_models import (
-    ExportFacts,
-    Guidance,
-    ImageSampler,
-    Loader,
-    check_same_latents,
-    item_seed,
-    load_latent_stats,
-    pick_device,
-    read_export_facts,
-)
+from rae.latent_spec import check_same_latents
 from rae.sampling import SamplerConfig
 
 FORMAT = "rae-samples"
@@ -217,10 +209,10 @@ class SampleActor:
 
 
 def build_image_sampler(config: SampleConfig, num_classes: int, loader: Loader, device: Any) -> ImageSampler:
-    dit, dit_config = loader(config.dit, device)
+    dit, _ = loader(config.dit, device)
     decoder, _ = loader(config.decoder, device)
     guide = loader(config.guide, device)[0] if config.guide else None
-    stats = load_latent_stats(ExportFacts(config.dit, dit_config, ""))
+    stats = load_latent_stats(read_export_facts(config.dit, "dit"))
     guidance = Guidance(cfg_scale=config.cfg_scale, interval=tuple(config.cfg_interval),
                         guide_scale=config.guide_scale)
     return ImageSampler(dit, decoder, stats, sampler=config.sampler, guidance=guidance, num_classes=num_classes,
@@ -233,12 +225,12 @@ def check_exports(config: SampleConfig) -> tuple[ExportFacts, ExportFacts, Expor
     """Read the exports' JSON and refuse a DiT, decoder (and guide) made for different latents."""
     dit = read_export_facts(config.dit, "dit")
     decoder = read_export_facts(config.decoder, "decoder")
-    check_same_latents(dit, decoder, "DiT", "decoder")
+    check_same_latents(dit.latent_spec, decoder.latent_spec, f"the DiT ({dit.url})", f"the decoder ({decoder.url})")
     load_latent_stats(dit)
     guide = None
     if config.guide:
         guide = read_export_facts(config.guide, "dit")
-        check_same_latents(dit, guide, "DiT", "guide")
+        check_same_latents(dit.latent_spec, guide.latent_spec, f"the DiT ({dit.url})", f"the guide ({guide.url})")
         if guide.kwargs.get("num_classes") != dit.kwargs.get("num_classes"):
             raise ValueError(f"the guide {config.guide} has {guide.kwargs.get('num_classes')} classes, the DiT "
                              f"{dit.kwargs.get('num_classes')}; AutoGuidance needs the same classes")
@@ -296,8 +288,7 @@ def run_sampling(config: SampleConfig, *, loader: Loader, actor_cls: type = Samp
         return SampleResult(config.out, config.num_samples, len(parts), 0, record.get("samples"), settings)
     if pending:
         _run_pool(config, pending, labels, num_classes, loader, actor_cls)
-    grid = int(decoder.kwargs["grid"])
-    size = grid * int(decoder.kwargs.get("pixel_patch", 16))
+    size = decoder.latent_spec.image_size
     samples = assemble_npz(config.out, parts, (size, size, 3)) if config.npz else None
     counts = np.bincount(labels, minlength=num_classes)
     storage.write_json(fs, storage.join(root, SETTINGS), dict(

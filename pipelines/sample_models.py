@@ -1,11 +1,10 @@
-"""The models a sampling job needs, read from their exports, checked against each other, and the
-function that turns (class, seed) items into 8-bit images.
+"""The function that turns (class, seed) items into 8-bit images with a DiT, a decoder and the
+latent statistics, and the per-item seeds.
 
-An export folder holds ``model.json`` and ``model.safetensors`` (written by ``jobs/export.py``).
-A DiT export also holds the store's normalization statistics (``latent_stats`` in its JSON names
-the file) and the store's encoder facts (``encoder_spec``), so it samples on its own. Only the JSON
-is read here (plain fsspec); building the modules from the weights is the caller's ``loader``
-(``jobs.export.load_exported_model``), which keeps the dependency direction jobs -> pipelines.
+The exports are read and checked against each other with :mod:`pipelines.exports` (a DiT export
+holds the store's normalization statistics and latent spec, so it samples on its own); building
+the modules from the weights is the caller's ``loader`` (``jobs.export.load_exported_model``),
+which keeps the dependency direction jobs -> pipelines.
 
 Determinism: item i's initial noise comes from its own CPU ``torch.Generator`` seeded with
 ``item_seed(seed, i)``, so it does not depend on the device, the worker or the batch it lands in.
@@ -14,119 +13,23 @@ the job always forms the same batches (see ``pipelines/sample_job.py``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipelines import storage
 from rae.evaluation.images import quantize
 from rae.normalization import LatentStats
 from rae.sampling import SamplerConfig, autoguidance, classifier_free_guidance, conditional, integrate, time_grid
 
-EXPORT_CONFIG = "model.json"
-EXPORT_WEIGHTS = "model.safetensors"
 Loader = Callable[[str, Any], "tuple[nn.Module, dict]"]  # (url, device) -> (eval-mode module, config)
 
 
 def item_seed(seed: int, index: int) -> int:
     """The noise seed of item ``index`` of a run seeded ``seed``: distinct for every (seed, index)."""
     return int(seed) * 2**32 + int(index)
-
-
-# ---------------------------------------------------------------- export facts
-
-@dataclass(frozen=True)
-class ExportFacts:
-    """What the driver knows about one export without loading its weights."""
-
-    url: str
-    config: dict
-    digest: str  # sha256 of model.json and the weights file size: changes when either changes
-
-    @property
-    def kwargs(self) -> dict:
-        return self.config.get("kwargs", {})
-
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        grid, channels = self.kwargs.get("grid"), self.kwargs.get("latent_channels")
-        if grid is None or channels is None:
-            raise ValueError(f"export {self.url}: model.json kwargs lack grid/latent_channels; cannot tell "
-                             f"which latents the model takes")
-        return int(grid) ** 2, int(channels)
-
-    @property
-    def encoder(self) -> dict:
-        """Encoder facts recorded with the export: ``encoder_spec`` (dict) or ``encoder`` (dict or name)."""
-        spec = self.config.get("encoder_spec")
-        if isinstance(spec, dict):
-            return spec
-        encoder = self.config.get("encoder")
-        if isinstance(encoder, dict):
-            return encoder
-        return {"name": encoder} if isinstance(encoder, str) else {}
-
-
-def read_export_facts(url: str, kind: str) -> ExportFacts:
-    """Read ``model.json`` of the export at ``url`` and check it is a ``kind`` ("dit" or "decoder")."""
-    fs, root = storage.resolve(url)
-    config_path, weights_path = storage.join(root, EXPORT_CONFIG), storage.join(root, EXPORT_WEIGHTS)
-    for path in (config_path, weights_path):
-        if not storage.exists(fs, path):
-            raise FileNotFoundError(f"--{kind} {url}: {path.rsplit('/', 1)[-1]} is missing; expected an export "
-                                    f"folder ({EXPORT_CONFIG} + {EXPORT_WEIGHTS}) written by `rae train {kind}`")
-    text = fs.cat_file(config_path)
-    config = json.loads(text)
-    have = config.get("kind")
-    if have != kind:
-        raise ValueError(f"--{kind} {url} is a {have!r} export; expected a {kind!r} export")
-    digest = hashlib.sha256(text + str(fs.info(weights_path)["size"]).encode()).hexdigest()
-    return ExportFacts(url, config, digest)
-
-
-def load_latent_stats(dit: ExportFacts) -> LatentStats:
-    """The normalization statistics that travel with a DiT export."""
-    name = dit.config.get("latent_stats")
-    if not name:
-        raise ValueError(f"DiT export {dit.url} carries no latent statistics (model.json has no 'latent_stats'); "
-                         f"it was exported by an older version: re-export it from its run")
-    fs, root = storage.resolve(dit.url)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "latent_stats.safetensors"
-        path.write_bytes(fs.cat_file(storage.join(root, name)))
-        stats = LatentStats.load(path)
-    if stats.shape != dit.latent_shape:
-        raise ValueError(f"DiT export {dit.url}: statistics of shape {stats.shape} for a model of latents "
-                         f"{dit.latent_shape}")
-    return stats
-
-
-_ENCODER_KEYS = ("name", "input_size", "weights_digest")
-
-
-def _describe(facts: ExportFacts) -> str:
-    enc = facts.encoder
-    n, c = facts.latent_shape
-    return f"{enc.get('name', 'an unrecorded encoder')} at {enc.get('input_size', '?')} px, {n} tokens x {c} channels"
-
-
-def check_same_latents(a: ExportFacts, b: ExportFacts, role_a: str, role_b: str) -> None:
-    """Refuse two exports made for different latents: another shape, or another encoder (name, input
-    size, weights) wherever both record it."""
-    differing = [key for key in _ENCODER_KEYS
-                 if key in a.encoder and key in b.encoder and a.encoder[key] != b.encoder[key]]
-    if a.latent_shape != b.latent_shape or differing:
-        what = ", ".join(differing) or "latent shape"
-        raise ValueError(f"the {role_a} ({a.url}) was made for {_describe(a)}; the {role_b} ({b.url}) for "
-                         f"{_describe(b)} (they differ in {what}). Use a {role_b} trained on latents of the "
-                         f"same encoder")
 
 
 # ---------------------------------------------------------------- images from items

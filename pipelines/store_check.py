@@ -20,7 +20,7 @@ def store_info(url: str, storage_options: StorageOptions | None = None) -> dict:
         "store": url,
         "status": manifest.get("status"),
         "format_version": manifest.get("format_version"),
-        "encoder": manifest.get("encoder"),
+        "latent_spec": manifest.get("latent_spec"),
         "preprocessing": manifest.get("preprocessing"),
         "latent": manifest.get("latent"),
         "shards": len(manifest.get("shards", [])),

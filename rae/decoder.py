@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
+from rae.latent_spec import PIXELS_PER_TOKEN
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -58,7 +60,7 @@ class DecoderConfig:
     mlp_dim: int = 4096
     latent_channels: int = 768
     grid: int = 16
-    pixel_patch: int = 16
+    pixel_patch: int = PIXELS_PER_TOKEN
     noise_tau: float = 0.8  # noise-augmented training: sigma ~ tau * U(0, 1) per sample
     image_mean: tuple[float, float, float] = IMAGENET_MEAN  # the encoder's normalization
     image_std: tuple[float, float, float] = IMAGENET_STD

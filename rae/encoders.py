@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rae import offline_weights
+from rae.latent_spec import PIXELS_PER_TOKEN, LatentSpec
 from rae.weights_io import read_state_dict
 
-PIXELS_PER_TOKEN = 16  # the decoder emits 16x16 pixels per latent token
 RANDOM_INIT_DIGEST = "random-init"
 # State-dict entries the encoder never uses: classifier heads, pooling, the final norm's affine.
 _UNUSED_PREFIXES = ("head.", "attn_pool.", "fc_norm.", "norm.")
@@ -30,7 +30,10 @@ _UNUSED_PREFIXES = ("head.", "attn_pool.", "fc_norm.", "norm.")
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """What an encoder is and what it produces. `image_size` is the pixel-space size (16 px per token)."""
+    """What an encoder is and what it produces. `image_size` is the pixel-space size (PIXELS_PER_TOKEN per token).
+
+    What it produces with given weights is its `latent_spec`.
+    """
 
     name: str
     timm_name: str
@@ -60,9 +63,11 @@ class EncoderSpec:
     def image_size(self) -> int:
         return self.grid * PIXELS_PER_TOKEN
 
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        return (self.num_tokens, self.channels)
+    def latent_spec(self, weights_digest: str, *, stats: str | None = None) -> LatentSpec:
+        """The latents this encoder makes with the weights of ``weights_digest`` (see `state_dict_digest`)."""
+        return LatentSpec(encoder=self.name, weights_digest=weights_digest, input_size=self.input_size,
+                          patch_size=self.patch_size, grid=self.grid, channels=self.channels,
+                          pixels_per_token=PIXELS_PER_TOKEN, image_size=self.image_size, stats=stats)
 
     def with_input_size(self, input_size: int) -> EncoderSpec:
         """The same encoder at another input size (ViT position embeddings are interpolated)."""
@@ -114,6 +119,10 @@ class RepresentationEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
+
+    def latent_spec(self, *, stats: str | None = None) -> LatentSpec:
+        """The latents this encoder makes: its preset and input size with its weights' digest."""
+        return self.spec.latent_spec(self.weights_digest, stats=stats)
 
     def train(self, mode: bool = True) -> RepresentationEncoder:
         """Always eval: a frozen encoder has no training behaviour (dropout, drop-path) to switch on."""

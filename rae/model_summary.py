@@ -51,7 +51,7 @@ def encoder_summary(name: str) -> ModelSummary:
         spec = encoder.spec
         images = torch.empty(1, 3, spec.image_size, spec.image_size)
         flops = forward_flops(lambda: encoder(images))
-    n, c = spec.latent_shape
+    n, c = encoder.latent_spec().shape
     return ModelSummary("encoder", name, count_parameters(encoder), flops / 1e9,
                         f"{spec.input_size}px -> {n}x{c}")
 
@@ -64,7 +64,7 @@ def decoder_summary(preset: str, latent_channels: int = 768, grid: int = 16) -> 
         latents = torch.empty(1, grid * grid, latent_channels)
         flops = forward_flops(lambda: decoder(latents))
     return ModelSummary("decoder", preset, count_parameters(decoder), flops / 1e9,
-                        f"{grid * grid}x{latent_channels} -> {grid * 16}px")
+                        f"{grid * grid}x{latent_channels} -> {decoder.config.image_size}px")
 
 
 def dit_summary(preset: str, latent_channels: int = 768, grid: int = 16,

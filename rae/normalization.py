@@ -61,12 +61,18 @@ class LatentStats:
         return self.mean is not None
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """(z - mean) / sqrt(var + eps), computed in float64, returned in z's dtype."""
+        """(z - mean) * (1 / sqrt(var + eps)) in z's dtype, at least float32 (float16 latents come back float32).
+
+        The statistics are exact float64, rounded once to that dtype; applying them in float64 halved
+        the training read rate (every batch the store reader gives) for no gain on float16 inputs.
+        """
         self._check(z)
-        x = z.to(torch.float64)
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        x = z.to(dtype)
         if self.mean is not None:
-            x = x - self.mean.to(z.device)
-        return (x / torch.sqrt(self.var.to(z.device) + self.eps)).to(z.dtype)
+            x = x - self.mean.to(z.device, dtype)
+        scale = (1.0 / torch.sqrt(self.var + self.eps)).to(z.device, dtype)
+        return x * scale
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """The inverse of `normalize`: z * sqrt(var + eps) + mean."""

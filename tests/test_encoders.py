@@ -57,7 +57,7 @@ def test_default_encoder_gives_256_tokens_of_768_from_256px_images():
     spec = ENCODER_PRESETS[DEFAULT_ENCODER]
     assert DEFAULT_ENCODER == "dinov2-b-reg4"
     assert (spec.input_size, spec.patch_size, spec.grid) == (224, 14, 16)
-    assert spec.latent_shape == (256, 768) and spec.image_size == 256
+    assert spec.latent_spec("any-weights").shape == (256, 768) and spec.image_size == 256
 
 
 @pytest.mark.parametrize("name", sorted(ENCODER_PRESETS))
