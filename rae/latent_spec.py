@@ -89,4 +89,5 @@ def check_same_latents(a: LatentSpec, b: LatentSpec, what_a: str, what_b: str) -
     if diff:
         lines = [f"{name}: {what_a} has {have!r}, {what_b} has {want!r}" for name, have, want in diff]
         raise ValueError(f"{what_a} works on {a.describe()}; {what_b} on {b.describe()}. They differ in:\n  "
-                         + "\n  ".join(lines) + "\nUse models made on latents of the same encoder, weights and input size.")
+                         + "\n  ".join(lines)
+                         + "\nUse models made on latents of the same encoder, weights and input size.")

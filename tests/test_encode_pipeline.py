@@ -28,6 +28,7 @@ from pipelines.shards import ShardInfo, make_shards
 from pipelines.store_check import verify_store
 from pipelines.store_reader import latent_dataset, open_store, read_latents
 from rae.encoders import load_encoder
+from rae.latent_spec import STATS_FILE, LatentSpec
 
 pytestmark = pytest.mark.slow
 ENCODER, INPUT_SIZE, IMAGE_SIZE = "dinov2-s-offline", 56, 64
@@ -107,11 +108,13 @@ def test_store_holds_the_encoder_output_for_every_image(file_store, direct):
 
 
 def test_manifest_records_encoder_preprocessing_shards_and_counts(file_store, encoder, shards):
-    manifest = open_store(file_store).manifest
+    store = open_store(file_store)
+    manifest = store.manifest
     assert manifest["status"] == "complete" and manifest["rows"] == 20 and manifest["images"] == 10
-    assert manifest["encoder"]["weights_digest"] == encoder.weights_digest
-    assert (manifest["encoder"]["grid"], manifest["encoder"]["channels"]) == (4, 384)
-    assert manifest["preprocessing"]["image_size"] == IMAGE_SIZE and manifest["latent"]["shape"] == [16, 384]
+    assert manifest["latent_spec"] == encoder.latent_spec(stats=STATS_FILE).to_dict()
+    assert manifest["latent_spec"]["weights_digest"] == encoder.weights_digest
+    assert (manifest["latent_spec"]["grid"], manifest["latent_spec"]["channels"]) == (4, 384)
+    assert manifest["latent_spec"]["image_size"] == IMAGE_SIZE and store.latent_shape == (16, 384)
     assert [s["size"] for s in manifest["shards"]] == [os.path.getsize(f"{shards}/{s['name']}")
                                                        for s in manifest["shards"]]
     assert manifest["rejected"] == 0 and manifest["classes"] == list(CLASSES)
@@ -144,13 +147,14 @@ def test_training_dataset_yields_normalized_latents_and_labels(file_store):
 
 
 def test_training_dataset_reshuffles_part_order_every_epoch(tmp_path):
+    spec = LatentSpec(encoder="synthetic", weights_digest="none", input_size=2, patch_size=1, grid=2, channels=3,
+                      image_size=32, stats=STATS_FILE)
     manifest = latent_store.new_manifest(
-        encoder={"name": "synthetic"}, preprocessing={"views": ["original"]}, latent_dtype="float16",
-        latent_shape=(2, 3), shards=[ShardInfo(f"file:///s{i}.tar", f"s{i}.tar", 1) for i in range(8)],
-        class_names=None, software={})
+        latent_spec=spec, preprocessing={"views": ["original"]}, latent_dtype="float16",
+        shards=[ShardInfo(f"file:///s{i}.tar", f"s{i}.tar", 1) for i in range(8)], class_names=None, software={})
     for index in range(8):  # one part per shard; its label is the shard index
         latent_store.write_shard(str(tmp_path), manifest, index, keys=[f"{index}/a", f"{index}/b"], labels=[index] * 2,
-                                 latents=np.full((2, 1, 2, 3), index, np.float16), rejected=[])
+                                 latents=np.full((2, 1, 4, 3), index, np.float16), rejected=[])
     latent_store.finalize(str(tmp_path), manifest)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # row order = file order, so only the shuffle changes it
@@ -194,7 +198,7 @@ def test_cli_encode_flags_reach_the_job(file_store, shards, capsys):
 def test_a_store_made_differently_is_refused_naming_the_difference(file_store, shards):
     with pytest.raises(StoreMismatchError, match=r"preprocessing\.views: store has \['original', 'hflip'\]"):
         encode_to_store(config(shards, file_store, flip=False))
-    with pytest.raises(StoreMismatchError, match=r"encoder\.input_size: store has 56, this run asks for 42"):
+    with pytest.raises(StoreMismatchError, match=r"latent_spec\.input_size: store has 56, this run asks for 42"):
         encode_to_store(config(shards, file_store, input_size=42))
 
 

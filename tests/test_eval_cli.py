@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from jobs import cli_eval
-from jobs.export import write_export
+from pipelines.exports import write_export
 from pipelines.image_decode import decode_shard
 from pipelines.shards import list_shards, make_shards
 from rae.decoder import build_decoder
-from rae.encoders import load_encoder
+from rae.encoders import ENCODER_PRESETS, load_encoder
 from rae.evaluation import ReferenceStats, compute_reference_stats, load_offline_inception, write_adm_npz
 from rae.evaluation.feature_extractors import OFFLINE_LABEL
 
@@ -92,8 +92,7 @@ def test_rfid_and_fd_dinov2_of_a_decoder(shards, tmp_path, capsys):
     export = str(tmp_path / "decoder")
     write_export(export, decoder.state_dict(), {
         "kind": "decoder", "builder": "rae.decoder:build_decoder", "preset": "tiny",
-        "kwargs": {"latent_channels": 384, "grid": 4},
-        "encoder": {"name": "dinov2-s-offline", "input_size": 56, "weights_digest": encoder.weights_digest}})
+        "kwargs": {"latent_channels": 384, "grid": 4}, "latent_spec": encoder.latent_spec().to_dict()})
     capsys.readouterr()
     run("eval", "rfid", "--decoder", export, "--shards", shards, "--inception", "offline", "--fd-dinov2",
         "--batch-size", "5")
@@ -108,8 +107,10 @@ def test_rfid_refuses_a_decoder_trained_on_other_encoder_weights(shards, tmp_pat
     write_export(export, build_decoder("tiny", latent_channels=384, grid=4).state_dict(), {
         "kind": "decoder", "builder": "rae.decoder:build_decoder", "preset": "tiny",
         "kwargs": {"latent_channels": 384, "grid": 4},
-        "encoder": {"name": "dinov2-s-offline", "input_size": 56, "weights_digest": "0" * 64}})
-    with pytest.raises(ValueError, match="was trained on 000000000000; pass --encoder-weights"):
+        "latent_spec": ENCODER_PRESETS["dinov2-s-offline"].with_input_size(56).latent_spec("0" * 64).to_dict()})
+    expected = (r"weights_digest: the decoder .* has '0{64}', the encoder loaded here "
+                r"\(pass --encoder-weights with the decoder's encoder file\) has '[0-9a-f]{64}'")
+    with pytest.raises(ValueError, match=expected):
         run("eval", "rfid", "--decoder", export, "--shards", shards, "--inception", "offline")
 
 

@@ -13,18 +13,17 @@ from pipelines.latent_store import StoreMismatchError, check_compatible, finaliz
 from pipelines.shards import ShardInfo
 from pipelines.store_check import store_info, verify_store
 from pipelines.store_reader import open_store, read_latents
+from rae.latent_spec import STATS_FILE, LatentSpec
 
 N, C = 4, 8
 
 
-def make_manifest(num_shards: int = 3, **encoder_overrides) -> dict:
+def make_manifest(num_shards: int = 3, **spec_overrides) -> dict:
     shards = [ShardInfo(f"file:///data/shard-{i:06d}.tar", f"shard-{i:06d}.tar", 1000 + i) for i in range(num_shards)]
-    encoder = {"name": "synthetic", "weights_digest": "abc", "input_size": 28, "patch_size": 14, "grid": 2,
-               "channels": C, **encoder_overrides}
-    return new_manifest(encoder=encoder, preprocessing={"crop": "adm-center-crop", "image_size": 32,
-                                                         "views": ["original"]},
-                        latent_dtype="float16", latent_shape=(N, C), shards=shards, class_names=["a", "b", "c"],
-                        software={"rae": "test"})
+    spec = LatentSpec(**{"encoder": "synthetic", "weights_digest": "abc", "input_size": 28, "patch_size": 14,
+                         "grid": 2, "channels": C, "image_size": 32, "stats": STATS_FILE, **spec_overrides})
+    return new_manifest(latent_spec=spec, preprocessing={"crop": "adm-center-crop", "views": ["original"]},
+                        latent_dtype="float16", shards=shards, class_names=["a", "b", "c"], software={"rae": "test"})
 
 
 def synthetic_store(url: str, *, rows: int = 3, num_shards: int = 3, same_keys: bool = False) -> dict:
@@ -48,7 +47,8 @@ def test_plain_pyarrow_reads_and_reshapes_latents_from_the_manifest_alone(tmp_pa
     tables = [pq.read_table(tmp_path / part["path"]) for part in manifest["parts"]]
     column = pa.concat_tables(tables).column(manifest["latent"]["column"]).combine_chunks()
     assert column.type == pa.list_(pa.float16(), N * C)
-    latents = column.flatten().to_numpy().reshape(-1, *manifest["latent"]["shape"])
+    spec = manifest["latent_spec"]
+    latents = column.flatten().to_numpy().reshape(-1, spec["grid"] ** 2, spec["channels"])
     np.testing.assert_array_equal(latents, written["latent"])
 
 
@@ -95,7 +95,7 @@ def test_verify_finds_stats_inconsistent_with_the_data(tmp_path):
     synthetic_store(str(tmp_path))
     stats = open_store(str(tmp_path)).stats
     stats.var = stats.var * 1.01
-    stats.save(tmp_path / latent_store.STATS)
+    stats.save(tmp_path / STATS_FILE)
     problems = verify_store(str(tmp_path)).problems
     assert len(problems) == 1 and problems[0].startswith("stats: stored var differs from the data's")
 
@@ -114,9 +114,33 @@ def test_a_mismatch_names_every_differing_field():
     with pytest.raises(StoreMismatchError) as err:
         check_compatible(make_manifest(3), make_manifest(4, weights_digest="def"), "s3://bucket/store")
     message = str(err.value)
-    assert "encoder.weights_digest: store has 'abc', this run asks for 'def'" in message
+    assert "latent_spec.weights_digest: store has 'abc', this run asks for 'def'" in message
     assert "shards: store has ['shard-000000.tar (1000 bytes)', 'shard-000001.tar (1001 bytes)', " \
            "'shard-000002.tar (1002 bytes)'], this run asks for" in message
+
+
+def test_a_store_of_an_older_format_is_refused_with_what_to_do(tmp_path):
+    synthetic_store(str(tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    old = {k: v for k, v in manifest.items() if k != "latent_spec"}
+    old.update(format_version=1, encoder={"name": "synthetic"}, latent=dict(manifest["latent"], shape=[N, C]))
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    expected = r"has format version 1; this version of rae reads version 2 .*Re-encode the images with `rae encode`"
+    with pytest.raises(StoreMismatchError, match=expected):
+        open_store(str(tmp_path))
+    with pytest.raises(StoreMismatchError, match=expected):
+        check_compatible(old, make_manifest(3), str(tmp_path))
+
+
+def test_the_manifest_holds_the_latent_spec_once_and_the_statistics_where_it_says(tmp_path):
+    synthetic_store(str(tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "encoder" not in manifest and set(manifest["latent"]) == {"column", "dtype", "layout"}
+    spec = open_store(str(tmp_path)).latent_spec
+    assert spec == LatentSpec.from_dict(manifest["latent_spec"]) and spec.shape == (N, C)
+    assert (tmp_path / spec.stats).is_file() and spec.stats == STATS_FILE
+    with pytest.raises(ValueError, match=f"a store keeps its statistics in {STATS_FILE}"):
+        make_manifest(1, stats=None)
 
 
 def test_an_unfinished_store_cannot_be_read_or_finalized(tmp_path):

@@ -8,6 +8,7 @@ may move a pixel by one 8-bit level (the model's kernels round differently for a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import time
 
@@ -18,23 +19,26 @@ import torch
 ray = pytest.importorskip("ray")
 
 from jobs import cli_eval  # noqa: E402
-from jobs.export import load_exported_model, write_export  # noqa: E402
-from jobs.train_dit import DiTRunConfig, check_store_matches, write_self_contained_export  # noqa: E402
+from jobs.export import load_exported_model  # noqa: E402
+from jobs.train_dit import DiTRunConfig, store_facts, write_self_contained_export  # noqa: E402
 from pipelines import latent_store  # noqa: E402
+from pipelines.exports import load_latent_stats, read_export_facts, write_export  # noqa: E402
 from pipelines.sample_job import PARTS_DIR, SampleActor, SampleConfig, plan_labels, run_sampling  # noqa: E402
 from pipelines.sample_models import item_seed  # noqa: E402
 from pipelines.shards import ShardInfo  # noqa: E402
 from pipelines.store_reader import open_store  # noqa: E402
 from rae.decoder import build_decoder  # noqa: E402
 from rae.dit import build_dit  # noqa: E402
+from rae.encoders import ENCODER_PRESETS  # noqa: E402
 from rae.evaluation import read_adm_npz  # noqa: E402
 from rae.evaluation.images import quantize  # noqa: E402
+from rae.latent_spec import STATS_FILE, LatentSpec  # noqa: E402
 from rae.sampling import SamplerConfig, conditional, integrate, time_grid  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ENCODER, INPUT_SIZE, TOKENS, CHANNELS, CLASSES = "dinov2-s-offline", 56, 16, 384, 4
-ENCODER_FACTS = {"name": ENCODER, "input_size": INPUT_SIZE, "grid": 4, "channels": CHANNELS,
-                 "weights_digest": "d" * 64}
+SPEC = ENCODER_PRESETS[ENCODER].with_input_size(INPUT_SIZE).latent_spec("d" * 64, stats=STATS_FILE)
+RAW = dataclasses.replace(SPEC, stats=None)  # what a decoder records: the same latents, unnormalized
 NUM, PART, BATCH, STEPS = 12, 4, 2, 3
 
 
@@ -52,8 +56,8 @@ def make_store(url: str) -> str:
     latents = (3.0 + 2.0 * rng.normal(size=(8, 1, TOKENS, CHANNELS))).astype(np.float16)
     shards = [ShardInfo(url="mem://s.tar", name="s.tar", size=1)]
     manifest = latent_store.new_manifest(
-        encoder=ENCODER_FACTS, preprocessing={"crop": "test"}, latent_dtype="float16",
-        latent_shape=(TOKENS, CHANNELS), shards=shards, class_names=[f"c{i}" for i in range(CLASSES)], software={})
+        latent_spec=SPEC, preprocessing={"crop": "test"}, latent_dtype="float16", shards=shards,
+        class_names=[f"c{i}" for i in range(CLASSES)], software={})
     latent_store.write_manifest(url, manifest)
     latent_store.write_shard(url, manifest, 0, keys=[f"k{i}" for i in range(8)], labels=[i % CLASSES for i in range(8)],
                              latents=latents, rejected=[])
@@ -73,12 +77,12 @@ def untrained_dit() -> torch.nn.Module:
     return dit
 
 
-def decoder_export(url: str, encoder: dict, channels: int = CHANNELS) -> str:
+def decoder_export(url: str, spec: LatentSpec) -> str:
     torch.manual_seed(2)
-    decoder = build_decoder("tiny", latent_channels=channels, grid=4)
+    decoder = build_decoder("tiny", latent_channels=spec.channels, grid=4)
     write_export(url, decoder.state_dict(), {"kind": "decoder", "builder": "rae.decoder:build_decoder",
-                                             "preset": "tiny", "kwargs": {"latent_channels": channels, "grid": 4},
-                                             "encoder": encoder})
+                                             "preset": "tiny", "kwargs": {"latent_channels": spec.channels, "grid": 4},
+                                             "latent_spec": spec.to_dict()})
     return url
 
 
@@ -86,14 +90,16 @@ def decoder_export(url: str, encoder: dict, channels: int = CHANNELS) -> str:
 def exports(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("exports")
     store = make_store(str(root / "store"))
-    run = DiTRunConfig(store=store, model="ditdh-tiny", encoder=ENCODER, encoder_input_size=INPUT_SIZE)
-    facts = check_store_matches(latent_store.require_manifest(store), run, store)
+    run = DiTRunConfig(store=store, model="ditdh-tiny")
+    facts = store_facts(latent_store.require_manifest(store), run, store)
     kwargs = {"latent_channels": CHANNELS, "grid": 4, "num_classes": CLASSES}
     write_self_contained_export(str(root / "dit"), untrained_dit().state_dict(), {
-        "kind": "dit", "builder": "rae.dit:build_dit", "preset": "ditdh-tiny", "kwargs": kwargs}, facts)
-    return {"store": store, "dit": str(root / "dit"), "decoder": decoder_export(str(root / "dec"), ENCODER_FACTS),
-            "other_encoder": decoder_export(str(root / "dec-siglip"), dict(ENCODER_FACTS, name="dinov2-s-reg4")),
-            "other_shape": decoder_export(str(root / "dec-768"), dict(ENCODER_FACTS, channels=768), channels=768)}
+        "kind": "dit", "builder": "rae.dit:build_dit", "preset": "ditdh-tiny", "kwargs": kwargs,
+        "latent_spec": facts.latent_spec.to_dict()}, facts)
+    other_encoder = dataclasses.replace(RAW, encoder="dinov2-s-reg4")
+    return {"store": store, "dit": str(root / "dit"), "decoder": decoder_export(str(root / "dec"), RAW),
+            "other_encoder": decoder_export(str(root / "dec-s-reg4"), other_encoder),
+            "other_shape": decoder_export(str(root / "dec-768"), dataclasses.replace(RAW, channels=768))}
 
 
 def config(exports: dict, out, **changes) -> SampleConfig:
@@ -121,12 +127,10 @@ def samples(out) -> tuple[np.ndarray, np.ndarray]:
         return read_adm_npz(out / "samples.npz"), data["arr_1"]
 
 
-def test_dit_export_carries_the_store_statistics_and_encoder(exports):
+def test_dit_export_carries_the_store_statistics_and_latent_spec(exports):
     model_json = load_exported_model(exports["dit"])[1]
-    assert model_json["encoder_spec"] == ENCODER_FACTS and model_json["latent_shape"] == [TOKENS, CHANNELS]
-    from pipelines.sample_models import ExportFacts, load_latent_stats
-
-    carried = load_latent_stats(ExportFacts(exports["dit"], model_json, ""))
+    assert model_json["latent_spec"] == SPEC.to_dict() and SPEC.shape == (TOKENS, CHANNELS)
+    carried = load_latent_stats(read_export_facts(exports["dit"], "dit"))
     store = open_store(exports["store"]).stats
     assert torch.equal(carried.mean, store.mean) and torch.equal(carried.var, store.var)
 
@@ -210,8 +214,10 @@ def test_other_settings_on_an_existing_output_are_refused(reference, exports):
 
 
 @pytest.mark.parametrize("decoder, message", [
-    ("other_encoder", r"made for dinov2-s-offline at 56 px, 16 tokens x 384.*dinov2-s-reg4.*differ in name"),
-    ("other_shape", r"16 tokens x 384 channels.*16 tokens x 768 channels.*differ in latent shape"),
+    ("other_encoder", r"works on dinov2-s-offline at 56 px \(16 tokens x 384[\s\S]*\n  encoder: the DiT \(.*\) "
+                      r"has 'dinov2-s-offline', the decoder \(.*dec-s-reg4\) has 'dinov2-s-reg4'"),
+    ("other_shape", r"16 tokens x 384 channels.*16 tokens x 768 channels[\s\S]*\n  channels: the DiT \(.*\) has 384, "
+                    r"the decoder \(.*dec-768\) has 768"),
 ])
 def test_decoder_for_other_latents_is_refused(exports, tmp_path, decoder, message):
     with pytest.raises(ValueError, match=message):

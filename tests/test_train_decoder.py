@@ -159,8 +159,9 @@ def test_export_reconstructs_better_than_the_mean_image(trained, shards, tmp_pat
     result, storage = trained
     decoder, config = load_exported_model(export_url(storage, "decoder-tiny"))
     encoder = load_encoder(ENCODER, input_size=INPUT_SIZE)
-    assert config["encoder"]["name"] == ENCODER and config["encoder"]["input_size"] == INPUT_SIZE
-    assert config["encoder"]["weights_digest"] == encoder.weights_digest
+    assert config["latent_spec"]["encoder"] == ENCODER and config["latent_spec"]["input_size"] == INPUT_SIZE
+    assert config["latent_spec"]["weights_digest"] == encoder.weights_digest
+    assert config["latent_spec"] == encoder.latent_spec().to_dict()  # raw latents: no statistics named
     assert config["step"] == EPOCHS * STEPS_PER_EPOCH and config["perceptual"] == "efficientnet-lite0"
     rng = np.random.default_rng(1)
     photos = [c for names in PHOTOS.values() for n in names for c in photo_crops(n, 2, rng)]

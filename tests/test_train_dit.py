@@ -1,6 +1,6 @@
 """`rae train dit` on a tiny latent store (written in the store format, 2 Ray workers, gloo, FSDP2
 on CPU): the loss falls, the EMA export loads into a working model, and a store made with another
-encoder is refused before anything is launched."""
+the DiT takes its latent space from the store's LatentSpec, which its export copies verbatim."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,11 @@ ray = pytest.importorskip("ray")
 
 from jobs.config_overrides import load_config  # noqa: E402
 from jobs.export import export_url, load_exported_model  # noqa: E402
-from jobs.train_dit import DiTRunConfig, check_store_matches, train_dit  # noqa: E402
+from jobs.train_dit import DiTRunConfig, store_facts, train_dit  # noqa: E402
 from pipelines import latent_store  # noqa: E402
 from pipelines.shards import ShardInfo  # noqa: E402
+from rae.encoders import ENCODER_PRESETS  # noqa: E402
+from rae.latent_spec import STATS_FILE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +27,7 @@ ENCODER, INPUT_SIZE = "dinov2-s-offline", 56  # 4x4 grid of 384-channel tokens
 TOKENS, CHANNELS, CLASSES, ROWS = 16, 384, 4, 64
 
 
-def make_store(url: str, *, encoder: str = ENCODER, rows: int = ROWS, seed: int = 0) -> str:
+def make_store(url: str, *, rows: int = ROWS, seed: int = 0) -> str:
     """A complete store of class-dependent Gaussian latents, through the pipeline's own writer."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(CLASSES, TOKENS, CHANNELS)).astype(np.float32)
@@ -33,10 +35,10 @@ def make_store(url: str, *, encoder: str = ENCODER, rows: int = ROWS, seed: int 
     latents = centres[labels] + 0.3 * rng.normal(size=(rows, TOKENS, CHANNELS)).astype(np.float32)
     half = rows // 2
     shards = [ShardInfo(url=f"mem://shard-{i}.tar", name=f"shard-{i}.tar", size=1000 + i) for i in range(2)]
+    spec = ENCODER_PRESETS[ENCODER].with_input_size(INPUT_SIZE).latent_spec("synthetic", stats=STATS_FILE)
     manifest = latent_store.new_manifest(
-        encoder={"name": encoder, "input_size": INPUT_SIZE, "grid": 4, "channels": CHANNELS},
-        preprocessing={"crop": "test"}, latent_dtype="float16", latent_shape=(TOKENS, CHANNELS),
-        shards=shards, class_names=[f"c{i}" for i in range(CLASSES)], software={})
+        latent_spec=spec, preprocessing={"crop": "test"}, latent_dtype="float16", shards=shards,
+        class_names=[f"c{i}" for i in range(CLASSES)], software={})
     latent_store.write_manifest(url, manifest)
     for index, rows_slice in enumerate((slice(0, half), slice(half, rows))):
         keys = [f"k{i}" for i in range(rows)[rows_slice]]
@@ -48,8 +50,8 @@ def make_store(url: str, *, encoder: str = ENCODER, rows: int = ROWS, seed: int 
 
 def tiny_config(store: str, **sets: str) -> DiTRunConfig:
     items = [f"{k}={v}" for k, v in {
-        "store": store, "model": "ditdh-tiny", "encoder": ENCODER, "encoder_input_size": INPUT_SIZE,
-        "ema_decay": 0.9, "loop.epochs": 4, "loop.global_batch_size": 16, "loop.max_micro_batch": 8,
+        "store": store, "model": "ditdh-tiny", "ema_decay": 0.9,
+        "loop.epochs": 4, "loop.global_batch_size": 16, "loop.max_micro_batch": 8,
         "loop.checkpoint_every_steps": 8, "loop.log_every_steps": 4, "loop.shuffle_buffer": 32,
         "optim.schedule.base_lr": 3e-3, "optim.schedule.final_lr": 3e-4,
         "optim.schedule.hold_epochs": 3, "optim.schedule.decay_end_epoch": 4, **sets}.items()]
@@ -77,18 +79,22 @@ def test_defaults_are_the_papers_dit_run():
     assert config.optim.grad_clip == 1.0 and config.optim.betas == (0.9, 0.95)
 
 
-def test_store_from_another_encoder_is_refused_before_launch(tmp_path, store):
-    config = tiny_config(store, encoder="dinov2-b-reg4", encoder_input_size=0)
-    with pytest.raises(ValueError, match=r"encoded with dinov2-s-offline .*16 tokens x 384.*"
-                                         r"dinov2-b-reg4 giving 256 x 768"):
-        train_dit(config, run_name="refused", storage=str(tmp_path / "runs"), num_workers=2)
+def test_a_store_of_an_older_format_is_refused_before_launch(tmp_path):
+    url = make_store(str(tmp_path / "old-store"))
+    manifest = json.loads((tmp_path / "old-store" / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (tmp_path / "old-store" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"format version 1; this version of rae reads version 2 .*`rae encode`"):
+        train_dit(tiny_config(url), run_name="refused", storage=str(tmp_path / "runs"), num_workers=2)
     assert not (tmp_path / "runs").exists()  # nothing launched, no run directory
 
 
 def test_store_facts_follow_the_manifest(store):
     manifest = latent_store.require_manifest(store)
-    facts = check_store_matches(manifest, tiny_config(store), store)
-    assert (facts.rows, facts.grid, facts.channels, facts.num_classes) == (ROWS, 4, CHANNELS, CLASSES)
+    facts = store_facts(manifest, tiny_config(store), store)
+    spec = facts.latent_spec
+    assert (facts.rows, spec.grid, spec.channels, facts.num_classes) == (ROWS, 4, CHANNELS, CLASSES)
+    assert spec.to_dict() == manifest["latent_spec"]
 
 
 def test_dit_loss_decreases_and_export_loads(tmp_path, store, ray_cluster):
@@ -100,6 +106,8 @@ def test_dit_loss_decreases_and_export_loads(tmp_path, store, ray_cluster):
     assert losses[-1] < 0.9 * losses[0], losses
     model, config = load_exported_model(export_url(storage, "dit-tiny"))
     assert config["step"] == 16 and config["kwargs"]["num_classes"] == CLASSES
+    assert config["latent_spec"] == latent_store.require_manifest(store)["latent_spec"]  # verbatim
+    assert (Path(export_url(storage, "dit-tiny")) / STATS_FILE).read_bytes() == (Path(store) / STATS_FILE).read_bytes()
     x = torch.randn(2, TOKENS, CHANNELS)
     velocity = model(x, torch.tensor([0.5, 0.9]), torch.tensor([0, 1]))
     assert velocity.shape == x.shape and torch.isfinite(velocity).all()
