@@ -87,6 +87,7 @@ def latent_spec(manifest: dict, url: str) -> LatentSpec:
 
 
 def check_format(manifest: dict, url: str) -> None:
+    """Refuse a manifest that is not a latent store's, or one written in another format version."""
     if manifest.get("format") != FORMAT:
         raise StoreMismatchError(f"{url} holds a {MANIFEST} that is not a {FORMAT} "
                                  f"(format={manifest.get('format')!r})")
