@@ -16,9 +16,13 @@ One step on each rank: (1) generator: encode the crops (no grad), add noise-augm
 decode, L1 + perceptual (+ 0.75 x adaptive x GAN from ``loss.gan_start_epoch``), backward over the
 micro-batches, AdamW step, EMA update; (2) discriminator, from ``loss.disc_start_epoch``: fakes
 from a clean eval-mode pass, hinge loss on DiffAugmented reals and 8-bit fakes, gradients averaged
-over ranks, AdamW step. Decoder blocks and then the root are FSDP2 units; the discriminator's
-heads are small and replicated on every rank (gradients all-reduced, as DDP would); the frozen
-encoder, discriminator trunk and perceptual network are plain replicated modules.
+over ranks, AdamW step. Both use the shared micro-batch accumulator (:mod:`jobs.optimizer_step`).
+Every forward runs under the run's autocast (``loop.precision``: bf16 on GPU, fp32 on CPU) and the
+decoder's blocks are compiled on GPU (``loop.compile``), as in the DiT run; the frozen encoder's
+latents are cast back to fp32, as the encode pipeline's are. Decoder blocks and then the root are
+FSDP2 units; the discriminator's heads are small and replicated on every rank (gradients
+all-reduced, as DDP would); the frozen encoder, discriminator trunk and perceptual network are
+plain replicated modules.
 
 Perceptual loss: LPIPS-VGG when its VGG16 file is found (``lpips_weights`` or the torch hub
 cache); otherwise the offline EfficientNet-Lite0 distance, announced loudly (never LPIPS on a
