@@ -222,7 +222,6 @@ def ray_shard_batches(dataset_name: str, columns: Sequence[str], shuffle_buffer:
     return batches
 
 
-
 def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: BatchSource,
         run_config: dict[str, Any] | None = None,
         export: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None) -> None:

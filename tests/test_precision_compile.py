@@ -181,7 +181,7 @@ def test_a_bf16_decoder_step_autocasts_the_decoder_and_keeps_fp32_weights():
     batches = [{"image": torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)} for _ in range(2)]
     metrics = task.train_step(batches, 0, 1e-4)
     assert seen == {torch.bfloat16} and metrics["skipped"] == 0.0
-    assert 0.05 < metrics["l1"] < 1 and metrics["loss"] == pytest.approx(metrics["rec"], rel=0.02)
+    assert metrics["loss"] == pytest.approx(metrics["rec"], rel=1e-6)  # before the GAN starts: the loss is L_rec
     assert all(p.dtype == torch.float32 for p in task.decoder.parameters())
 
 
