@@ -165,7 +165,7 @@ class Checkpointer:
                  rank: int, world_size: int) -> None:
         if every_steps <= 0:
             raise ValueError(f"checkpoints every {every_steps} steps: must be positive")
-        self.state, self.every_steps, self.total_steps = state, every_steps, total_steps
+        self._state, self.every_steps, self.total_steps = state, every_steps, total_steps
         self.rank, self.world_size = rank, world_size
 
     def due(self, step: int) -> bool:
@@ -177,7 +177,7 @@ class Checkpointer:
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="rae-ckpt-") as local:
-            save_checkpoint(local, self.state(), dict(trainer_state, step=step), rank=self.rank,
+            save_checkpoint(local, self._state(), dict(trainer_state, step=step), rank=self.rank,
                             world_size=self.world_size)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                              checkpoint_dir_name=checkpoint_dir_name(step))
@@ -196,7 +196,7 @@ class Checkpointer:
         paths = [r.checkpoint for r in candidates] or [latest]
         if all(c.path != latest.path for c in paths):
             paths.insert(0, latest)
-        restored = restore_latest(paths, self.state(), lambda c: c.as_directory())
+        restored = restore_latest(paths, self._state(), lambda c: c.as_directory())
         if restored is None:
             raise RuntimeError(f"no valid checkpoint among {[c.path for c in paths]}; see the errors "
                                f"above, or start a new run name")
