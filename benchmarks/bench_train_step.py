@@ -42,13 +42,15 @@ class TimedTask(Task):
 
     def __init__(self, inner: Task):
         self.inner, self.starts, self.ends = inner, [], []
-        self.optim_config = getattr(inner, "optim_config", None)  # fit reads the LR schedule here
 
     def setup(self, ctx: RunContext) -> None:
         self.inner.setup(ctx)
 
     def state(self) -> dict[str, Any]:
         return self.inner.state()
+
+    def lr_at(self, epoch: float) -> float:
+        return self.inner.lr_at(epoch)
 
     def train_step(self, micro_batches: Sequence[dict], step: int, lr: float) -> dict[str, float]:
         self.starts.append(time.perf_counter())

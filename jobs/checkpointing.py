@@ -5,17 +5,21 @@ run's storage, any fsspec/pyarrow URL):
 
     .metadata, __<rank>_0.distcp   DCP's files: model, optimizer, EMA, ... each rank writes its shard
     checksums.rank<r>.json          size and sha256 of every file rank r wrote
-    trainer_state.json              rank 0: step, epoch, world size, config name (written last)
+    trainer_state.json              rank 0, written last: the step, the count of skipped steps, the
+                                    history of logged lines so far, and the world size that wrote it
 
 DCP re-shards on load, so a run may resume on a different number of workers. A checkpoint whose
 files are missing, truncated or altered fails :func:`verify_checkpoint` with a
 :class:`CheckpointError` naming the file, and :func:`restore_latest` falls back to the previous one.
+The :class:`Checkpointer` is what the training loop talks to: when to save, saving and reporting
+to Ray Train, restoring.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -150,3 +154,50 @@ def restore_latest(candidates: Iterable[Any], state: dict[str, Any],
 def checkpoint_dir_name(step: int) -> str:
     """A sortable, readable directory name for the checkpoint taken after ``step`` steps."""
     return f"checkpoint_step{step:09d}"
+
+
+class Checkpointer:
+    """The run's checkpoints on Ray Train (torchtitan's ``CheckpointManager`` in small): saved every
+    ``every_steps`` steps and at the last step, each reported with the metrics since the previous
+    one; restored from the newest valid one. ``state`` returns the task's checkpointed items."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]], *, every_steps: int, total_steps: int,
+                 rank: int, world_size: int) -> None:
+        if every_steps <= 0:
+            raise ValueError(f"checkpoints every {every_steps} steps: must be positive")
+        self._state, self.every_steps, self.total_steps = state, every_steps, total_steps
+        self.rank, self.world_size = rank, world_size
+
+    def due(self, step: int) -> bool:
+        """Whether the run checkpoints after ``step`` steps."""
+        return step % self.every_steps == 0 or step == self.total_steps
+
+    def save(self, step: int, metrics: dict[str, Any], trainer_state: dict[str, Any]) -> None:
+        """Save (a collective: every rank calls it) and report ``metrics`` with the checkpoint."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="rae-ckpt-") as local:
+            save_checkpoint(local, self._state(), dict(trainer_state, step=step), rank=self.rank,
+                            world_size=self.world_size)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                             checkpoint_dir_name=checkpoint_dir_name(step))
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the newest valid reported checkpoint of this run (after a worker failure or a
+        relaunch with the same run name), falling back past corrupted ones; return its trainer
+        state (with ``restored_from``), or None on a fresh start."""
+        import ray.train
+
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return None
+        reported = ray.train.get_all_reported_checkpoints()
+        candidates = sorted(reported, key=lambda r: r.metrics.get("step", -1), reverse=True)
+        paths = [r.checkpoint for r in candidates] or [latest]
+        if all(c.path != latest.path for c in paths):
+            paths.insert(0, latest)
+        restored = restore_latest(paths, self._state(), lambda c: c.as_directory())
+        if restored is None:
+            raise RuntimeError(f"no valid checkpoint among {[c.path for c in paths]}; see the errors "
+                               f"above, or start a new run name")
+        return restored

@@ -16,9 +16,13 @@ One step on each rank: (1) generator: encode the crops (no grad), add noise-augm
 decode, L1 + perceptual (+ 0.75 x adaptive x GAN from ``loss.gan_start_epoch``), backward over the
 micro-batches, AdamW step, EMA update; (2) discriminator, from ``loss.disc_start_epoch``: fakes
 from a clean eval-mode pass, hinge loss on DiffAugmented reals and 8-bit fakes, gradients averaged
-over ranks, AdamW step. Decoder blocks and then the root are FSDP2 units; the discriminator's
-heads are small and replicated on every rank (gradients all-reduced, as DDP would); the frozen
-encoder, discriminator trunk and perceptual network are plain replicated modules.
+over ranks, AdamW step. Both use the shared micro-batch accumulator (:mod:`jobs.optimizer_step`).
+Every forward runs under the run's autocast (``loop.precision``: bf16 on GPU, fp32 on CPU) and the
+decoder's blocks are compiled on GPU (``loop.compile``), as in the DiT run; the frozen encoder's
+latents are cast back to fp32, as the encode pipeline's are. Decoder blocks and then the root are
+FSDP2 units; the discriminator's heads are small and replicated on every rank (gradients
+all-reduced, as DDP would); the frozen encoder, discriminator trunk and perceptual network are
+plain replicated modules.
 
 Perceptual loss: LPIPS-VGG when its VGG16 file is found (``lpips_weights`` or the torch hub
 cache); otherwise the offline EfficientNet-Lite0 distance, announced loudly (never LPIPS on a
@@ -41,15 +45,14 @@ from jobs.decoder_data import census, crop_dataset, crop_sizes
 from jobs.export import export_url
 from jobs.launch import absolute_storage, launch
 from jobs.lr_schedule import LRSchedule
-from jobs.parallelize import all_reduce_mean, average_gradients, set_gradient_sync, shard_model
+from jobs.optimizer_step import Batch, accumulate_gradients, apply_update, read_logs
+from jobs.parallelize import autocast, average_gradients, shard_model
 from jobs.progress import say
 from jobs.train_scaffold import (
-    Batch,
     LoopConfig,
     OptimConfig,
     RunContext,
     Task,
-    apply_update,
     fit,
     full_state_dict,
     ray_shard_batches,
@@ -146,7 +149,6 @@ class DecoderTask(Task):
 
     def __init__(self, config: DecoderRunConfig, facts: DecoderFacts) -> None:
         self.config, self.facts = config, facts
-        self.optim_config = config.optim  # fit reads the schedule from here
 
     def decoder_kwargs(self) -> dict[str, Any]:
         facts = self.facts
@@ -164,7 +166,7 @@ class DecoderTask(Task):
                                f"differ from the driver's ({facts.latent_spec.weights_digest[:12]}); is "
                                f"{config.encoder_weights!r} the same file on every node?")
         decoder = build_decoder(config.decoder, **self.decoder_kwargs())
-        self.decoder = shard_model(decoder, list(decoder.blocks), ctx.device, dtype=ctx.dtype)
+        self.decoder = shard_model(decoder, list(decoder.blocks), ctx.device, dtype=ctx.dtype, compile=ctx.compile)
         self.discriminator = build_discriminator(config.discriminator, weights=config.disc_weights,
                                                  input_size=config.disc_input_size).to(ctx.device)
         perceptual = build_perceptual_loss(facts.perceptual, weights=facts.perceptual_weights).to(ctx.device)
@@ -181,66 +183,58 @@ class DecoderTask(Task):
         return {"decoder": ModelState(self.decoder, self.optimizer),
                 "disc_heads": ModelState(self.discriminator.heads, self.disc_optimizer), "ema": self.ema}
 
+    def lr_at(self, epoch: float) -> float:
+        return self.config.optim.schedule(epoch)
+
     def train_step(self, micro_batches: Sequence[Batch], step: int, lr: float) -> dict[str, float]:
         epoch = self.ctx.epoch(step)
-        reals, latents = [], []
-        with torch.no_grad():
-            for batch in micro_batches:
-                reals.append(to_unit_images(batch["image"].to(self.ctx.device, non_blocking=True)))
-                latents.append(self.encoder(reals[-1]))
-        metrics = self._generator_step(reals, latents, epoch, lr)
+        pairs = [self._encode(batch) for batch in micro_batches]
+        metrics = self._generator_step(pairs, epoch, lr)
         if self.loss.discriminator_active(epoch):
-            metrics.update(self._discriminator_step(reals, latents, epoch, lr))
+            metrics.update(self._discriminator_step(pairs, epoch, lr))
         else:
             self.disc_optimizer.zero_grad(set_to_none=True)  # the GAN term's backward may reach the heads
         return metrics
 
-    def _generator_step(self, reals: list[torch.Tensor], latents: list[torch.Tensor], epoch: float,
-                        lr: float) -> dict[str, float]:
+    @torch.no_grad()
+    def _encode(self, batch: Batch) -> Batch:
+        """The crops as images in [0, 1] and their latents (in fp32, encoded as the store's are)."""
+        real = to_unit_images(batch["image"].to(self.ctx.device, non_blocking=True))
+        with autocast(self.ctx.device, self.ctx.dtype):
+            latent = self.encoder(real).float()
+        return {"real": real, "latent": latent}
+
+    def _generator_step(self, pairs: list[Batch], epoch: float, lr: float) -> dict[str, float]:
         self.decoder.train()
         self.discriminator.train()
-        count = len(reals)
-        total = torch.zeros(())
-        logs: dict[str, float] = {}
-        for index, (real, z) in enumerate(zip(reals, latents)):
-            set_gradient_sync(self.decoder, index == count - 1)
-            fake = self.decoder(self.decoder.augment_with_noise(z))
+
+        def loss(pair: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            fake = self.decoder(self.decoder.augment_with_noise(pair["latent"]))
             # Read after the forward: under FSDP2 this is the root's unsharded weight, in the graph.
-            loss, micro_logs = self.loss.generator_loss(real, fake, epoch=epoch,
-                                                        last_layer_weight=self.decoder.last_layer_weight)
-            (loss / count).backward()
-            total = total + loss.detach().float().cpu() / count
-            for key, value in micro_logs.items():
-                logs[key] = logs.get(key, 0.0) + value / count
-        outcome = apply_update(self.decoder, self.optimizer, total, lr=lr, grad_clip=self.config.optim.grad_clip)
+            return self.loss.generator_loss(pair["real"], fake, epoch=epoch,
+                                            last_layer_weight=self.decoder.last_layer_weight)
+
+        local = accumulate_gradients(self.decoder, pairs, loss, dtype=self.ctx.dtype)
+        outcome = apply_update(self.decoder, self.optimizer, local.loss, lr=lr, grad_clip=self.config.optim.grad_clip)
         if not outcome.skipped:
             self.ema.update(self.decoder)
-        metrics = _mean_over_ranks({k: v for k, v in logs.items() if k != "total"})
-        metrics.update(loss=outcome.loss, grad_norm=outcome.grad_norm, skipped=float(outcome.skipped))
-        return metrics
+        return {**read_logs({k: v for k, v in local.logs.items() if k != "total"}), **outcome.metrics()}
 
-    def _discriminator_step(self, reals: list[torch.Tensor], latents: list[torch.Tensor], epoch: float,
-                            lr: float) -> dict[str, float]:
+    def _discriminator_step(self, pairs: list[Batch], epoch: float, lr: float) -> dict[str, float]:
         self.disc_optimizer.zero_grad(set_to_none=True)
-        count = len(reals)
-        total = torch.zeros(())
-        logs: dict[str, float] = {}
-        self.decoder.eval()  # the fakes the discriminator sees: clean latents, no noise augmentation
-        for real, z in zip(reals, latents):
+
+        def loss(pair: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with torch.no_grad():
-                fake = self.decoder(z)
-            loss, micro_logs = self.loss.discriminator_loss(real, fake, epoch=epoch)
-            (loss / count).backward()
-            total = total + loss.detach().float().cpu() / count
-            for key, value in micro_logs.items():
-                logs[key] = logs.get(key, 0.0) + value / count
+                fake = self.decoder(pair["latent"])
+            return self.loss.discriminator_loss(pair["real"], fake, epoch=epoch)
+
+        self.decoder.eval()  # the fakes the discriminator sees: clean latents, no noise augmentation
+        local = accumulate_gradients(self.discriminator, pairs, loss, dtype=self.ctx.dtype)
         self.decoder.train()
         average_gradients(self.discriminator.trainable_parameters())
-        outcome = apply_update(self.discriminator, self.disc_optimizer, total, lr=lr,
+        outcome = apply_update(self.discriminator, self.disc_optimizer, local.loss, lr=lr,
                                grad_clip=self.config.disc_grad_clip)
-        metrics = _mean_over_ranks({k: v for k, v in logs.items() if k != "d_loss"})
-        metrics.update(d_loss=outcome.loss, d_grad_norm=outcome.grad_norm, d_skipped=float(outcome.skipped))
-        return metrics
+        return {**read_logs({k: v for k, v in local.logs.items() if k != "d_loss"}), **outcome.metrics("d_")}
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         facts = self.facts
@@ -250,15 +244,6 @@ class DecoderTask(Task):
             "latent_spec": facts.latent_spec.to_dict(), "perceptual": facts.perceptual,
             "discriminator": {"backbone": self.config.discriminator, "weights_digest": facts.disc_digest},
             "shards": self.config.shards, "crops": {"resize": facts.resize, "crop": facts.crop}}
-
-
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each logged value averaged over ranks (one collective; every rank has the same keys)."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    averaged = all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64))
-    return dict(zip(keys, averaged.tolist()))
 
 
 def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:

@@ -1,5 +1,8 @@
-"""The training loop both runs share: batch plan, accumulation, clipping, non-finite guard, EMA,
-LR schedule, checkpoint/resume and logging. The model-specific part is a :class:`Task`.
+"""The training loop both runs share. The model-specific part is a :class:`Task` (build, loss,
+backward, optimizer step, EMA: see :mod:`jobs.optimizer_step` for the shared parts of a step); the
+loop around it is the batch plan, the LR schedule, the seeds, and two helpers it delegates to: a
+:class:`~jobs.metrics_logger.MetricsLogger` (progress line, wandb, history, reports) and a
+:class:`~jobs.checkpointing.Checkpointer` (when to save, DCP, reporting to Ray Train, restore).
 
 A run is counted in optimizer steps of one *global* batch; an epoch is ``rows // global_batch``
 steps on every rank, so ranks never disagree on the number of collectives (uneven batches
@@ -12,9 +15,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import logging
-import math
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,26 +23,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.checkpointing import ModelState, checkpoint_dir_name, restore_latest, save_checkpoint
+from jobs.checkpointing import Checkpointer, ModelState
 from jobs.lr_schedule import LRSchedule
+from jobs.metrics_logger import MetricsLogger
+from jobs.optimizer_step import Batch, accumulate_gradients, apply_update
 from jobs.parallelize import (
     BatchPlan,
-    all_reduce_mean,
-    autocast,
     compile_enabled,
     compute_dtype,
     plan_batches,
-    set_gradient_sync,
     shard_model,
     training_device,
 )
-from jobs.progress import Progress, say
-from jobs.wandb_logging import WandbConfig, WandbLogger
+from jobs.wandb_logging import WandbConfig
 from rae.ema import EMA
 
-logger = logging.getLogger(__name__)
-
-Batch = dict[str, torch.Tensor]
 BatchSource = Callable[[int, int], Iterator[Batch]]  # (epoch, micro_batch) -> batches of that size
 
 
@@ -105,58 +100,12 @@ def full_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Batch],
-                         per_sample_loss: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
-    """Backward over the micro-batches so the gradients sum to those of their union's mean loss
-    (equal-sized micro-batches). Gradients are *not* zeroed between micro-batches; under FSDP2
-    they are reduced across ranks only on the last one. Returns this rank's mean loss (detached, on
-    the loss's device: reading it is left to the update, so micro-batches queue without a sync)."""
-    count = len(micro_batches)
-    total = None
-    for index, batch in enumerate(micro_batches):
-        set_gradient_sync(model, index == count - 1)
-        losses = per_sample_loss(batch)
-        if losses.dim() != 1:
-            raise ValueError(f"per-sample loss must be 1-D (B,), got shape {tuple(losses.shape)}")
-        (losses.mean() / count).backward()
-        mean = losses.detach().float().mean() / count
-        total = mean if total is None else total + mean
-    return total if total is not None else torch.zeros(())
-
-
-@dataclass
-class StepOutcome:
-    loss: float
-    grad_norm: float
-    skipped: bool
-
-
-def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, local_loss: torch.Tensor,
-                 *, lr: float, grad_clip: float) -> StepOutcome:
-    """Clip and step, unless the loss or gradient norm is non-finite on any rank: then every rank
-    drops the gradients and skips the step together (training on NaN poisons the weights)."""
-    loss = float(all_reduce_mean(local_loss.to(_param_device(model))))
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    skipped = not (math.isfinite(loss) and math.isfinite(norm))
-    if not skipped:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss=loss, grad_norm=norm, skipped=skipped)
-
-
-def _param_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 class Task(ABC):
     """The model-specific part of a run. ``setup`` builds and shards the model(s) and optimizers;
-    ``state`` names what a checkpoint holds; ``train_step`` takes one global step on this rank's
-    micro-batches; ``export_state`` returns what the exported checkpoint holds."""
+    ``state`` names what a checkpoint holds; ``lr_at`` is the learning rate at a (fractional)
+    epoch; ``train_step`` takes one global step on this rank's micro-batches (loss, backward,
+    optimizer step, EMA) and returns its metrics; ``export_state`` returns what the exported
+    checkpoint holds."""
 
     @abstractmethod
     def setup(self, ctx: RunContext) -> None:
@@ -164,6 +113,10 @@ class Task(ABC):
 
     @abstractmethod
     def state(self) -> dict[str, Any]:
+        ...
+
+    @abstractmethod
+    def lr_at(self, epoch: float) -> float:
         ...
 
     @abstractmethod
@@ -183,7 +136,7 @@ class SingleModelTask(Task, ABC):
     """
 
     def __init__(self, optim: OptimConfig, ema_decay: float) -> None:
-        self.optim_config = optim
+        self.optim = optim
         self.ema_decay = ema_decay
 
     @abstractmethod
@@ -205,29 +158,31 @@ class SingleModelTask(Task, ABC):
         self.ctx = ctx
         model = self.build_model()
         self.model = shard_model(model, self.shard_units(model), ctx.device, dtype=ctx.dtype, compile=ctx.compile)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.optim_config.schedule.base_lr,
-                                           betas=self.optim_config.betas,
-                                           weight_decay=self.optim_config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.optim.schedule.base_lr,
+                                           betas=self.optim.betas, weight_decay=self.optim.weight_decay)
         self.ema = EMA(self.model, self.ema_decay)  # shadows are DTensors sharded like the model
 
     def state(self) -> dict[str, Any]:
         return {"model": ModelState(self.model, self.optimizer), "ema": self.ema}
 
+    def lr_at(self, epoch: float) -> float:
+        return self.optim.schedule(epoch)
+
     def train_step(self, micro_batches: Sequence[Batch], step: int, lr: float) -> dict[str, float]:
         self.model.train()
         device = self.ctx.device
         batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
-
-        def loss(batch: Batch) -> torch.Tensor:
-            with autocast(device, self.ctx.dtype):
-                return self.per_sample_loss(self.model, batch)
-
-        local = accumulate_gradients(self.model, batches, loss)
-        outcome = apply_update(self.model, self.optimizer, local, lr=lr,
-                               grad_clip=self.optim_config.grad_clip)
+        local = accumulate_gradients(self.model, batches, self._loss, dtype=self.ctx.dtype)
+        outcome = apply_update(self.model, self.optimizer, local.loss, lr=lr, grad_clip=self.optim.grad_clip)
         if not outcome.skipped:
             self.ema.update(self.model)
-        return {"loss": outcome.loss, "grad_norm": outcome.grad_norm, "skipped": float(outcome.skipped)}
+        return outcome.metrics()
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        losses = self.per_sample_loss(self.model, batch)
+        if losses.dim() != 1:
+            raise ValueError(f"per-sample loss must be 1-D (B,), got shape {tuple(losses.shape)}")
+        return losses
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return full_state_dict(self.ema.shadow), self.export_config()
@@ -275,86 +230,69 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
     import ray.train
 
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    ctx = run_context(loop, rows, rank=context.get_world_rank(), world=context.get_world_size())
+    total_steps = ctx.steps_per_epoch * loop.epochs
+    torch.manual_seed(loop.seed)  # identical initial weights on every rank, before sharding
+    task.setup(ctx)
+    checkpointer = Checkpointer(task.state, every_steps=loop.checkpoint_every_steps or ctx.steps_per_epoch,
+                                total_steps=total_steps, rank=ctx.rank, world_size=ctx.world)
+    restored = checkpointer.restore()
+    start = int(restored["step"]) if restored else 0
+    metrics = MetricsLogger(run_name=run_name, rank=ctx.rank, total_steps=total_steps,
+                            steps_per_epoch=ctx.steps_per_epoch, global_batch=ctx.plan.global_batch,
+                            log_every_steps=loop.log_every_steps, start_step=start, trainer_state=restored,
+                            wandb=loop.wandb, run_config=run_config)
+    metrics.say(_start_line(ctx, start, total_steps, restored))
+    try:
+        for step, micro_batches in enumerate(step_batches(batches, ctx, start, total_steps), start=start):
+            lr = task.lr_at(ctx.epoch(step))
+            torch.manual_seed(mix_seed(loop.seed, step, ctx.rank))
+            outcome = task.train_step(micro_batches, step, lr)
+            done = step + 1
+            metrics.log(done, lr, outcome)
+            if checkpointer.due(done):
+                checkpointer.save(done, metrics.report(done, lr), metrics.trainer_state())
+        if export is not None:
+            final = max(start, total_steps)
+            _export(task, export, ctx.rank, dict(run=run_name, step=final, history=metrics.history))
+    finally:
+        metrics.finish()
+
+
+def run_context(loop: LoopConfig, rows: int, *, rank: int, world: int) -> RunContext:
+    """This rank's view of the run: device, precision, compilation, batch plan, epoch length."""
     plan = plan_batches(loop.global_batch_size, world, loop.max_micro_batch)
     steps_per_epoch = rows // loop.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the dataset has {rows} rows, fewer than one global batch of "
                          f"{loop.global_batch_size}; lower global_batch_size")
-    total_steps = steps_per_epoch * loop.epochs
     device = training_device()
-    ctx = RunContext(rank=rank, world=world, device=device, plan=plan, steps_per_epoch=steps_per_epoch,
-                     dtype=compute_dtype(loop.precision, device), compile=compile_enabled(loop.compile, device))
-    torch.manual_seed(loop.seed)  # identical initial weights on every rank, before sharding
-    task.setup(ctx)
-
-    restored = _restore(task)
-    step = int(restored["step"]) if restored else 0
-    resumed_from = step if restored else -1
-    if rank == 0:
-        where = f"resumed at step {step} from {restored['restored_from']}" if restored else "fresh start"
-        say(f"[{run_name}] {where}; {world} workers x {plan.accum_steps} micro-batches of "
-              f"{plan.micro} = global batch {plan.global_batch}; {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps")
-
-    wandb = WandbLogger(loop.wandb, run_name, rank, run_config)
-    progress = Progress(total_steps=total_steps, global_batch=plan.global_batch, start_step=step)
-    every = loop.checkpoint_every_steps or steps_per_epoch
-    log_window: dict[str, list[float]] = {}
-    report_window: dict[str, list[float]] = {}
-    skipped_total = int(restored.get("skipped_steps", 0)) if restored else 0
-    # What the progress line showed, kept with each checkpoint so a resumed run's curves are whole;
-    # exported as history.json for loss curves without wandb.
-    history: list[dict[str, float]] = list(restored.get("history", [])) if restored else []
-    schedule = task_schedule(task)
-    try:
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            stream = batches(epoch, plan.micro)
-            for _ in range(position * plan.accum_steps):  # the data position: skip what was trained
-                next(stream)
-            while step < (epoch + 1) * steps_per_epoch and step < total_steps:
-                micro_batches = [_next_batch(stream, epoch, step) for _ in range(plan.accum_steps)]
-                lr = schedule(step / steps_per_epoch) if schedule else 0.0
-                torch.manual_seed(mix_seed(loop.seed, step, rank))
-                metrics = task.train_step(micro_batches, step, lr)
-                step += 1
-                if metrics.get("skipped"):
-                    skipped_total += 1
-                    if rank == 0:
-                        say(f"[{run_name}] step {step}: non-finite loss or gradient "
-                            f"(loss={metrics.get('loss')}); step skipped ({skipped_total} so far)")
-                for key, value in metrics.items():
-                    if key != "skipped" and math.isfinite(value):
-                        for window in (log_window, report_window):
-                            window.setdefault(key, []).append(value)
-                if step % loop.log_every_steps == 0 or step == total_steps:  # means since the last line
-                    logged = _means(log_window)
-                    log_window = {}
-                    history.append(dict(logged, step=step, lr=lr))
-                    if rank == 0:
-                        say(f"[{run_name}] " + progress.line(step, step / steps_per_epoch, dict(logged, lr=lr)))
-                        wandb.log(dict(logged, lr=lr, skipped_steps=skipped_total), step=step)
-                if step % every == 0 or step == total_steps:  # means since the last checkpoint
-                    report = dict(_means(report_window), step=step, epoch=step / steps_per_epoch, lr=lr,
-                                  skipped_steps=skipped_total, resumed_from_step=resumed_from)
-                    _checkpoint_and_report(task, report, rank, world, history)
-                    report_window = {}
-        if export is not None:
-            weights, export_config = task.export_state()  # a collective: every rank gathers
-            if rank == 0:
-                export(weights, dict(export_config, run=run_name, step=step, history=history))
-    finally:
-        wandb.finish()
+    return RunContext(rank=rank, world=world, device=device, plan=plan, steps_per_epoch=steps_per_epoch,
+                      dtype=compute_dtype(loop.precision, device), compile=compile_enabled(loop.compile, device))
 
 
-def _means(window: dict[str, list[float]]) -> dict[str, float]:
-    return {key: sum(values) / len(values) for key, values in window.items() if values}
+def _start_line(ctx: RunContext, step: int, total_steps: int, restored: dict[str, Any] | None) -> str:
+    plan = ctx.plan
+    where = f"resumed at step {step} from {restored['restored_from']}" if restored else "fresh start"
+    return (f"{where}; {ctx.world} workers x {plan.accum_steps} micro-batches of {plan.micro} = global "
+            f"batch {plan.global_batch}; {ctx.steps_per_epoch} steps/epoch, {total_steps} steps")
 
 
-def task_schedule(task: Task) -> LRSchedule | None:
-    optim = getattr(task, "optim_config", None)
-    return optim.schedule if optim is not None else None
+def step_batches(batches: BatchSource, ctx: RunContext, start: int, total_steps: int) -> Iterator[list[Batch]]:
+    """This rank's micro-batches for each step from ``start`` to ``total_steps``, one epoch's
+    stream after another. A resumed epoch skips what the steps before ``start`` trained on (the
+    data position is ``position x accum_steps`` micro-batches into the epoch's stream)."""
+    plan, per_epoch = ctx.plan, ctx.steps_per_epoch
+    step = start
+    while step < total_steps:
+        epoch, position = divmod(step, per_epoch)
+        stream = batches(epoch, plan.micro)
+        for _ in range(position * plan.accum_steps):
+            _next_batch(stream, epoch, step)
+        end = min((epoch + 1) * per_epoch, total_steps)
+        for at in range(step, end):
+            yield [_next_batch(stream, epoch, at) for _ in range(plan.accum_steps)]
+        step = end
 
 
 def _next_batch(stream: Iterator[Batch], epoch: int, step: int) -> Batch:
@@ -366,33 +304,8 @@ def _next_batch(stream: Iterator[Batch], epoch: int, step: int) -> Batch:
                            f"with equal=False?)") from None
 
 
-def _checkpoint_and_report(task: Task, metrics: dict[str, Any], rank: int, world: int,
-                           history: list[dict[str, float]]) -> None:
-    import ray.train
-
-    step = int(metrics["step"])
-    with tempfile.TemporaryDirectory(prefix="rae-ckpt-") as local:
-        save_checkpoint(local, task.state(), {"step": step, "skipped_steps": metrics["skipped_steps"],
-                                              "history": history}, rank=rank, world_size=world)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_dir_name=checkpoint_dir_name(step))
-
-
-def _restore(task: Task) -> dict[str, Any] | None:
-    """Newest valid reported checkpoint of this run (after a worker failure or a relaunch with
-    the same run name), falling back past corrupted ones."""
-    import ray.train
-
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return None
-    reported = ray.train.get_all_reported_checkpoints()
-    candidates = sorted(reported, key=lambda r: r.metrics.get("step", -1), reverse=True)
-    paths = [r.checkpoint for r in candidates] or [latest]
-    if all(c.path != latest.path for c in paths):
-        paths.insert(0, latest)
-    restored = restore_latest(paths, task.state(), lambda c: c.as_directory())
-    if restored is None:
-        raise RuntimeError(f"no valid checkpoint among {[c.path for c in paths]}; see the errors "
-                           f"above, or start a new run name")
-    return restored
+def _export(task: Task, export: Callable[[dict[str, torch.Tensor], dict[str, Any]], None], rank: int,
+            run_facts: dict[str, Any]) -> None:
+    weights, export_config = task.export_state()  # a collective: every rank gathers
+    if rank == 0:
+        export(weights, dict(export_config, **run_facts))

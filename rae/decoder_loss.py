@@ -97,6 +97,8 @@ class DecoderLoss(nn.Module):
         if d_loss is not None: zero the D optimizer (the G backward also reached the heads), backward, step
 
     Images are (B, 3, H, W), real in [0, 1]. The perceptual module maps two such batches to (B,).
+    The logged values are detached 0-d tensors on the loss's device: reading them is left to the
+    caller, so a training step reads them once, not once per micro-batch.
     """
 
     def __init__(
@@ -125,26 +127,27 @@ class DecoderLoss(nn.Module):
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         return diff_augment(images, self.config.diffaug_policy, translation_ratio=self.config.diffaug_translation)
 
-    def reconstruction_loss(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def reconstruction_loss(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if real.shape != fake.shape:
             raise ValueError(f"real {tuple(real.shape)} and reconstructed {tuple(fake.shape)} images differ in shape")
         l1 = (fake - real).abs().mean()
         rec = self.config.l1_weight * l1
-        logs = {"l1": l1.item()}
+        logs = {"l1": l1.detach()}
         if self.perceptual is not None and self.config.perceptual_weight > 0:
             perceptual = self.perceptual(fake, real).mean()
             rec = rec + self.config.perceptual_weight * perceptual
-            logs["perceptual"] = perceptual.item()
-        logs["rec"] = rec.item()
+            logs["perceptual"] = perceptual.detach()
+        logs["rec"] = rec.detach()
         return rec, logs
 
     def generator_loss(
         self, real: torch.Tensor, fake: torch.Tensor, *, epoch: float, last_layer_weight: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total decoder loss. Before gan_start_epoch the GAN term is exactly zero and D is not run."""
         rec, logs = self.reconstruction_loss(real, fake)
         if not self.gan_active(epoch):
-            logs.update(gan=0.0, adaptive_weight=0.0, total=rec.item())
+            zero = torch.zeros((), device=rec.device)
+            logs.update(gan=zero, adaptive_weight=zero, total=rec.detach())
             return rec, logs
         gan = generator_gan_loss(self.discriminator(self.augment(fake)))
         if torch.is_grad_enabled() and fake.requires_grad:
@@ -155,12 +158,12 @@ class DecoderLoss(nn.Module):
         else:  # evaluation without a graph: the adaptive weight is undefined, report the plain losses
             weight = torch.zeros((), device=rec.device)
         total = rec + self.config.gan_weight * weight * gan
-        logs.update(gan=gan.item(), adaptive_weight=weight.item(), total=total.item())
+        logs.update(gan=gan.detach(), adaptive_weight=weight.detach(), total=total.detach())
         return total, logs
 
     def discriminator_loss(
         self, real: torch.Tensor, fake: torch.Tensor, *, epoch: float
-    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Hinge loss on DiffAugmented reals and 8-bit-quantised, detached fakes; None before disc_start_epoch."""
         if not self.discriminator_active(epoch):
             return None, {}
@@ -168,8 +171,8 @@ class DecoderLoss(nn.Module):
         logits_fake = self.discriminator(self.augment(quantize_8bit(fake)))
         loss = hinge_d_loss(logits_real, logits_fake)
         logs = {
-            "d_loss": loss.item(),
-            "logits_real": logits_real.mean().item(),
-            "logits_fake": logits_fake.mean().item(),
+            "d_loss": loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
         }
         return loss, logs

@@ -102,7 +102,7 @@ def test_discriminator_gradients_reach_heads_only(gan_setup):
     discriminator.train()
     d_loss, logs = loss_fn.discriminator_loss(real, fake, epoch=1.0)
     d_loss.backward()
-    assert d_loss.item() == pytest.approx(logs["d_loss"])
+    assert d_loss.item() == pytest.approx(logs["d_loss"].item())
     assert all(p.grad is not None for p in discriminator.trainable_parameters())
     assert sum(p.grad.abs().sum() for p in discriminator.trainable_parameters()) > 0
     assert all(p.grad is None for p in discriminator.features.parameters())
@@ -121,7 +121,7 @@ def test_gan_term_is_zero_before_its_start_and_discriminator_idle_before_its_sta
     total_on, logs_on = loss_fn.generator_loss(real, fake, epoch=2.0, last_layer_weight=decoder.last_layer_weight)
     assert logs_on["gan"] != 0.0
     expected = logs_on["l1"] + 0.75 * logs_on["adaptive_weight"] * logs_on["gan"]
-    assert total_on.item() == pytest.approx(expected, rel=1e-5)
+    assert total_on.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_paper_defaults_of_the_loss_config():

@@ -3,6 +3,7 @@ transformer blocks compiled in place on GPU, leaving the module tree, its state-
 numbers as they were. No Ray: the task is stepped directly, as on one worker."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -149,3 +150,44 @@ def test_compiled_blocks_under_fsdp2_train_like_eager_ones():
             p.join(timeout=60)
             assert p.exitcode == 0
     assert results[True] == pytest.approx(results[False], rel=1e-5)
+
+
+
+@functools.cache
+def _decoder_run():
+    """A tiny decoder run on the offline networks, resolved once (GAN and D at their default epochs)."""
+    from jobs.train_decoder import DecoderRunConfig, resolve_facts
+
+    config = DecoderRunConfig(encoder="dinov2-s-offline", encoder_input_size=56, decoder="tiny",
+                              perceptual="efficientnet-lite0", discriminator="dinov2-s-offline", disc_input_size=56)
+    return config, resolve_facts(config)
+
+
+def _decoder_task(precision: str, compile: bool = False):
+    from jobs.train_decoder import DecoderTask
+
+    task = DecoderTask(*_decoder_run())
+    torch.manual_seed(0)
+    task.setup(RunContext(rank=0, world=1, device=CPU, plan=plan_batches(4, 1, 2), steps_per_epoch=16,
+                          dtype=compute_dtype(precision, CPU), compile=compile))
+    return task
+
+
+def test_a_bf16_decoder_step_autocasts_the_decoder_and_keeps_fp32_weights():
+    task = _decoder_task("bf16")
+    seen: set[torch.dtype] = set()
+    task.decoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"image": torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)} for _ in range(2)]
+    metrics = task.train_step(batches, 0, 1e-4)
+    assert seen == {torch.bfloat16} and metrics["skipped"] == 0.0
+    assert metrics["loss"] == pytest.approx(metrics["rec"], rel=1e-6)  # before the GAN starts: the loss is L_rec
+    assert all(p.dtype == torch.float32 for p in task.decoder.parameters())
+
+
+def test_the_decoder_compiles_its_blocks_when_the_run_does():
+    from rae.decoder import build_decoder
+
+    task = _decoder_task("fp32", compile=True)
+    assert all(hasattr(block.forward, "_torchdynamo_orig_callable") for block in task.decoder.blocks)
+    assert list(task.decoder.state_dict()) == list(build_decoder("tiny", **task.decoder_kwargs()).state_dict())

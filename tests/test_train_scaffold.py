@@ -23,10 +23,9 @@ from jobs.lr_schedule import LRSchedule  # noqa: E402
 from jobs.checkpointing import restore_latest  # noqa: E402
 from jobs.config_overrides import load_config  # noqa: E402
 from jobs.parallelize import plan_batches  # noqa: E402
+from jobs.optimizer_step import accumulate_gradients, apply_update  # noqa: E402
 from jobs.train_scaffold import (  # noqa: E402
     LoopConfig,
-    accumulate_gradients,
-    apply_update,
     OptimConfig,
     SingleModelTask,
     exact_batches,
@@ -152,7 +151,7 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch():
     local = accumulate_gradients(small, chunks, loss(small))
     for a, b in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(local, loss(big)({"x": x, "y": y}).mean().detach())
+    torch.testing.assert_close(local.loss, loss(big)({"x": x, "y": y}).mean().detach())
 
 
 def test_non_finite_loss_skips_the_step_and_keeps_the_weights():
@@ -161,7 +160,7 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights():
     before = [p.detach().clone() for p in model.parameters()]
     nan_input = {"x": torch.full((2, 4), float("nan")), "y": torch.zeros(2, 2)}
     local = accumulate_gradients(model, [nan_input], lambda b: ((model(b["x"]) - b["y"]) ** 2).mean(1))
-    outcome = apply_update(model, optimizer, local, lr=0.1, grad_clip=1.0)
+    outcome = apply_update(model, optimizer, local.loss, lr=0.1, grad_clip=1.0)
     assert outcome.skipped and math.isnan(outcome.loss)
     assert all(p.grad is None for p in model.parameters())
     for a, b in zip(before, model.parameters()):
@@ -174,7 +173,7 @@ def test_gradient_clipping_bounds_the_update_norm():
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     batch = {"x": 100 * torch.randn(4, 4), "y": torch.zeros(4, 2)}
     local = accumulate_gradients(model, [batch], lambda b: ((model(b["x"]) - b["y"]) ** 2).mean(1))
-    outcome = apply_update(model, optimizer, local, lr=1.0, grad_clip=1.0)
+    outcome = apply_update(model, optimizer, local.loss, lr=1.0, grad_clip=1.0)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert outcome.grad_norm > 10 and not outcome.skipped
     assert math.isclose(float((after - before).norm()), 1.0, rel_tol=1e-4)

@@ -1,0 +1,155 @@
+"""The training loop's parts, without Ray: the micro-batch accumulator, the checkpointer's cadence and
+its save, the metrics logger's windows and history, and the per-step data stream on resume."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from jobs.checkpointing import Checkpointer, ModelState, restore_latest, verify_checkpoint
+from jobs.metrics_logger import MetricsLogger
+from jobs.optimizer_step import accumulate_gradients, read_logs
+from jobs.parallelize import plan_batches
+from jobs.train_scaffold import RunContext, step_batches
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+
+
+def _scalar_loss_with_logs(model: nn.Module):
+    def loss(batch):
+        error = model(batch["x"]) - batch["y"]
+        mse = (error ** 2).mean()
+        return mse, {"mse": mse.detach(), "bias": error.detach().mean()}
+    return loss
+
+
+def test_accumulated_scalar_losses_give_the_big_batchs_gradients_and_mean_logs():
+    x, y = torch.randn(12, 4), torch.randn(12, 2)
+    big, small = _mlp(), _mlp()
+    whole = accumulate_gradients(big, [{"x": x, "y": y}], _scalar_loss_with_logs(big))
+    chunks = [{"x": x[i:i + 3], "y": y[i:i + 3]} for i in (0, 3, 6, 9)]
+    parts = accumulate_gradients(small, chunks, _scalar_loss_with_logs(small))
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts.loss, whole.loss)
+    assert set(parts.logs) == {"mse", "bias"}
+    torch.testing.assert_close(parts.logs["mse"], whole.logs["mse"])
+    torch.testing.assert_close(parts.logs["bias"], whole.logs["bias"])  # equal chunks: mean of means
+    assert read_logs(parts.logs) == pytest.approx({"mse": whole.logs["mse"].item(), "bias": whole.logs["bias"].item()})
+
+
+def test_accumulator_refuses_a_loss_that_is_neither_per_sample_nor_scalar():
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"per-sample \(B,\) or a scalar, got shape \(3, 2\)"):
+        accumulate_gradients(model, [{"x": torch.randn(3, 4)}], lambda b: model(b["x"]))
+
+
+def test_accumulator_runs_each_forward_under_the_requested_autocast():
+    model = _mlp()
+    seen = set()
+    model[0].register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    batch = {"x": torch.randn(3, 4), "y": torch.randn(3, 2)}
+    accumulate_gradients(model, [batch], lambda b: ((model(b["x"]) - b["y"]) ** 2).mean(1), dtype=torch.bfloat16)
+    accumulate_gradients(model, [batch], lambda b: ((model(b["x"]) - b["y"]) ** 2).mean(1))
+    assert seen == {torch.bfloat16, torch.float32}
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
+def _checkpointer(every: int, total: int, state=dict) -> Checkpointer:
+    return Checkpointer(state, every_steps=every, total_steps=total, rank=0, world_size=1)
+
+
+def test_checkpoints_are_due_on_the_cadence_and_at_the_last_step():
+    assert [s for s in range(1, 11) if _checkpointer(4, 10).due(s)] == [4, 8, 10]
+    assert [s for s in range(1, 7) if _checkpointer(3, 6).due(s)] == [3, 6]
+    with pytest.raises(ValueError, match="checkpoints every 0 steps"):
+        _checkpointer(0, 10)
+
+
+def test_a_saved_checkpoint_is_reported_with_its_metrics_and_restores(tmp_path, monkeypatch):
+    import ray.train
+
+    reported = []
+
+    def report(metrics, checkpoint, checkpoint_dir_name):  # what Ray Train keeps: a copy of the directory
+        shutil.copytree(checkpoint.path, tmp_path / checkpoint_dir_name)
+        reported.append((metrics, tmp_path / checkpoint_dir_name))
+
+    monkeypatch.setattr(ray.train, "report", report)
+    model = nn.Linear(3, 1)
+    nn.init.constant_(model.weight, 2.0)
+    checkpointer = _checkpointer(2, 4, state=lambda: {"model": ModelState(model)})
+    checkpointer.save(2, {"loss": 0.5, "step": 2}, {"skipped_steps": 1, "history": [{"step": 2, "loss": 0.5}]})
+    (metrics, directory), = reported
+    assert metrics == {"loss": 0.5, "step": 2} and directory.name == "checkpoint_step000000002"
+    assert verify_checkpoint(directory) == {"step": 2, "skipped_steps": 1, "history": [{"step": 2, "loss": 0.5}],
+                                            "world_size": 1}
+    nn.init.constant_(model.weight, 0.0)
+    restored = restore_latest([directory], {"model": ModelState(model)}, contextlib.nullcontext)
+    assert restored["step"] == 2 and torch.all(model.weight == 2.0)
+
+
+def _logger(**kwargs) -> MetricsLogger:
+    return MetricsLogger(**dict(dict(run_name="r", rank=0, total_steps=6, steps_per_epoch=3, global_batch=8,
+                                     log_every_steps=4), **kwargs))
+
+
+def test_log_lines_hold_means_since_the_last_line_and_reports_since_the_last_checkpoint(capsys):
+    logger = _logger()
+    for step, loss in enumerate([4.0, 2.0, 6.0, 0.0, 1.0, 3.0], start=1):
+        logger.log(step, lr=0.1, metrics={"loss": loss, "skipped": 0.0})
+        if step == 3:
+            assert logger.report(step, lr=0.1) == {"loss": 4.0, "step": 3, "epoch": 1.0, "lr": 0.1,
+                                                   "skipped_steps": 0, "resumed_from_step": -1}
+    assert logger.history == [{"loss": 3.0, "step": 4, "lr": 0.1}, {"loss": 2.0, "step": 6, "lr": 0.1}]
+    assert logger.report(6, lr=0.1)["loss"] == pytest.approx(4 / 3)  # steps 4-6
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[r] step 4/6 epoch 1.33 loss=3 lr=0.1 ")
+
+
+def test_skipped_steps_are_counted_announced_and_kept_out_of_the_means(capsys):
+    logger = _logger(log_every_steps=2)
+    logger.log(1, lr=0.1, metrics={"loss": float("nan"), "grad_norm": 1.0, "skipped": 1.0})
+    logger.log(2, lr=0.1, metrics={"loss": 2.0, "grad_norm": 3.0, "skipped": 0.0})
+    assert logger.history == [{"loss": 2.0, "grad_norm": 2.0, "step": 2, "lr": 0.1}]
+    assert logger.trainer_state() == {"skipped_steps": 1, "history": logger.history}
+    assert "[r] step 1: non-finite loss or gradient (loss=nan); step skipped (1 so far)" in capsys.readouterr().out
+
+
+def test_a_resumed_logger_continues_the_history_and_the_skipped_count_and_only_rank_0_prints(capsys):
+    state = {"step": 4, "skipped_steps": 2, "history": [{"loss": 3.0, "step": 4, "lr": 0.1}]}
+    logger = _logger(rank=1, start_step=4, trainer_state=state)
+    logger.log(5, lr=0.1, metrics={"loss": 1.0, "skipped": 0.0})
+    logger.log(6, lr=0.1, metrics={"loss": 3.0, "skipped": 0.0})
+    assert [row["step"] for row in logger.history] == [4, 6]
+    assert logger.report(6, lr=0.1)["resumed_from_step"] == 4 and logger.skipped_steps == 2
+    assert capsys.readouterr().out == ""
+
+
+def test_a_resumed_run_skips_the_micro_batches_its_steps_already_trained_on():
+    ctx = RunContext(rank=0, world=1, device=torch.device("cpu"), plan=plan_batches(4, 1, 2), steps_per_epoch=3)
+
+    def batches(epoch: int, micro: int):
+        for index in range(8):  # more than an epoch's worth, as a shard with a remainder has
+            yield {"id": torch.tensor([100 * epoch + index])}
+
+    def ids(start: int) -> list[list[int]]:
+        return [[int(b["id"]) for b in step] for step in step_batches(batches, ctx, start, total_steps=5)]
+
+    assert ids(0) == [[0, 1], [2, 3], [4, 5], [100, 101], [102, 103]]
+    assert ids(2) == [[4, 5], [100, 101], [102, 103]]
+    assert ids(4) == [[102, 103]]
+
+
+def test_data_running_out_names_the_epoch_and_step():
+    ctx = RunContext(rank=0, world=1, device=torch.device("cpu"), plan=plan_batches(4, 1, 2), steps_per_epoch=3)
+    short = lambda epoch, micro: iter([{"id": torch.tensor([i])} for i in range(3)])  # noqa: E731
+    with pytest.raises(RuntimeError, match="data ran out in epoch 0 at step 1"):
+        list(step_batches(short, ctx, 0, total_steps=3))
+
