@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from rae.encoders import RepresentationEncoder, load_encoder
+from rae.image_tensors import to_unit_images
 
 
 class LatentEncoder:
@@ -53,7 +54,7 @@ class LatentEncoder:
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         """(b, S, S, 3) uint8 on the device -> (b, V, N, C) latents in the store dtype, on the device."""
-        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        x = to_unit_images(images)
         views = [x, x.flip(-1)] if self.flip else [x]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return torch.stack([self.encoder(v).float() for v in views], dim=1).to(self.torch_dtype)

@@ -20,9 +20,9 @@ from rae.dit_blocks import (
     LabelEmbedder,
     RotaryEmbedding2D,
     patchify,
-    sincos_pos_embed_2d,
     unpatchify,
 )
+from rae.positions import sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)

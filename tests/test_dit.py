@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from rae.dit import DIT_PRESETS, DiT, DiTConfig, DiTDH, build_dit, count_parameters
-from rae.dit_blocks import RotaryEmbedding2D, patchify, sincos_pos_embed_2d, unpatchify
+from rae.dit_blocks import RotaryEmbedding2D, patchify, unpatchify
+from rae.positions import sincos_pos_embed_2d
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -28,7 +28,7 @@ from pipelines.store_reader import open_store  # noqa: E402
 from rae.decoder import build_decoder  # noqa: E402
 from rae.dit import build_dit  # noqa: E402
 from rae.evaluation import read_adm_npz  # noqa: E402
-from rae.evaluation.images import quantize  # noqa: E402
+from rae.image_tensors import quantize  # noqa: E402
 from rae.sampling import SamplerConfig, conditional, integrate, time_grid  # noqa: E402
 
 pytestmark = pytest.mark.slow
