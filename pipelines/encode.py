@@ -30,10 +30,10 @@ from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
 from pipelines.streaming import streamed_batches
+from rae.devices import check_device_choice
 from rae.encoders import DEFAULT_ENCODER, RepresentationEncoder, load_encoder
 
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ class EncodeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        check_device_choice(self.device)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.latent_dtype not in latent_store.LATENT_DTYPES:

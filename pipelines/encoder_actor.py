@@ -10,6 +10,7 @@ import os
 import numpy as np
 import torch
 
+from rae.devices import pick_device
 from rae.encoders import RepresentationEncoder, load_encoder
 from rae.image_tensors import to_unit_images
 
@@ -25,7 +26,7 @@ class LatentEncoder:
 
     def __init__(self, encoder: str, weights: str | None, input_size: int | None, flip: bool,
                  latent_dtype: str, batch_size: int, weights_digest: str, cpu_threads: int | None = None):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device()
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(max(1, min(cpu_threads, len(os.sched_getaffinity(0)))))
         self.encoder: RepresentationEncoder = load_encoder(encoder, weights=weights, input_size=input_size,

@@ -42,9 +42,9 @@ from pipelines.sample_models import (
     check_same_latents,
     item_seed,
     load_latent_stats,
-    pick_device,
     read_export_facts,
 )
+from rae.devices import check_device_choice, pick_device
 from rae.sampling import SamplerConfig
 
 FORMAT = "rae-samples"
@@ -97,8 +97,7 @@ class SampleConfig:
             raise ValueError("choose one guidance: --cfg-scale (classifier-free) or --guide (AutoGuidance)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.device not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"device must be auto, gpu or cpu, got {self.device!r}")
+        check_device_choice(self.device)
         if not (self.png or self.npz):
             raise ValueError("nothing to write: ask for --npz and/or --png")
 
@@ -197,7 +196,9 @@ class SampleActor:
     def __init__(self, *, config: SampleConfig, labels: np.ndarray, num_classes: int, loader: Loader,
                  write: bool):
         self.config, self.labels, self.write = config, labels, write
-        self.sampler = build_image_sampler(config, num_classes, loader, pick_device(config.device != "cpu"))
+        # An actor given a GPU samples on CUDA where the node's CUDA is usable, as "auto" does.
+        device = pick_device("cpu" if config.device == "cpu" else "auto")
+        self.sampler = build_image_sampler(config, num_classes, loader, device)
 
     def sample_range(self, start: int, stop: int) -> dict[str, np.ndarray]:
         size = self.config.batch_size

@@ -187,8 +187,3 @@ class ImageSampler:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             images = self.decoder(self.latents(labels, seeds))
         return to_uint8_images(images).cpu().numpy()
-
-
-def pick_device(prefer_gpu: bool = True) -> torch.device:
-    """CUDA when usable (a logical Ray GPU on a CPU-only machine is not), else CPU."""
-    return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")
