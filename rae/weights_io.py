@@ -1,6 +1,8 @@
-"""Reading weight files safely: safetensors, or torch files with ``weights_only=True`` (never pickle)."""
+"""Reading weight files safely: safetensors, or torch files with ``weights_only=True`` (never pickle);
+and the sha256 of a file, which names weights and checks checkpoints."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -23,3 +25,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict):
         raise ValueError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict")
     return loaded
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
