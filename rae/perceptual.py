@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rae.image_tensors import IMAGENET_MEAN, IMAGENET_STD
 from rae.weights_io import read_state_dict
