@@ -196,7 +196,7 @@ class SampleActor:
     def __init__(self, *, config: SampleConfig, labels: np.ndarray, num_classes: int, loader: Loader,
                  write: bool):
         self.config, self.labels, self.write = config, labels, write
-        # An actor given a GPU samples on CUDA where the node's CUDA is usable, as "auto" does.
+        # "gpu" placed this actor on a Ray GPU; it still samples on CPU where that node's CUDA is unusable.
         device = pick_device("cpu" if config.device == "cpu" else "auto")
         self.sampler = build_image_sampler(config, num_classes, loader, device)
 
