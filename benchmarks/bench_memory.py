@@ -26,6 +26,7 @@ from benchmarks.common import Recorder, cuda_unavailable_reason, parse_args
 from benchmarks.flops import STATE_BYTES_PER_PARAM, parameter_count, saved_activation_bytes_per_image
 from rae.dit import build_dit
 from rae.ema import EMA
+from rae.model_summary import count_parameters
 from rae.transport import training_loss
 
 GPU_BYTES = 80e9
@@ -72,7 +73,7 @@ def cpu_check(preset: str, batch: int, overrides: dict) -> dict:
     """One real training step of a small model on CPU (AdamW, EMA): the state it holds afterwards,
     counted tensor by tensor, against the formula's 20 bytes per parameter."""
     model = build_dit(preset, **overrides)
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model, trainable_only=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema = EMA(model, 0.999)
     cfg = model.config
@@ -95,7 +96,7 @@ def gpu_check(preset: str, overrides: dict, batches: list[int]) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ema = EMA(model, 0.9995)
     act = saved_activation_bytes_per_image(preset, 2, **overrides)
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model, trainable_only=False)
     cfg = model.config
     rows = {}
     for batch in batches:

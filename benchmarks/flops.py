@@ -16,6 +16,7 @@ the meta device.
 from __future__ import annotations
 
 from rae.dit import DiTConfig, build_dit
+from rae.model_summary import count_parameters
 
 
 def config_of(preset: str, **overrides: object) -> DiTConfig:
@@ -54,7 +55,7 @@ def parameter_count(preset: str, **overrides: object) -> int:
 
     with torch.device("meta"):
         model = build_dit(preset, allow_narrow=True, **overrides)
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(model, trainable_only=False)
 
 
 # Bytes per parameter held by training, fp32 master weights with bf16 autocast compute:

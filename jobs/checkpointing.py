@@ -16,7 +16,6 @@ to Ray Train, restoring.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -34,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+
+from rae.weights_io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,6 @@ class ModelState(Stateful):
             set_optimizer_state_dict(self.model, self.optimizer, state_dict["optim"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_checkpoint(directory: str | Path, state: dict[str, Any], trainer_state: dict[str, Any],
                     *, rank: int, world_size: int) -> None:
     """Write this rank's shard of ``state`` with DCP (a collective: every rank calls it), its
@@ -79,7 +72,7 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], trainer_state:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dcp.save(state, checkpoint_id=str(directory))
-    sums = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+    sums = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(CHECKSUM_PREFIX)
             and p.name != TRAINER_STATE}
     (directory / f"{CHECKSUM_PREFIX}{rank}.json").write_text(json.dumps(sums, indent=1))
@@ -114,7 +107,7 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
             if size != expected["size"]:
                 raise CheckpointError(f"checkpoint {directory}: file {name} is {size} bytes, "
                                       f"expected {expected['size']} (truncated or overwritten)")
-            if _sha256(path) != expected["sha256"]:
+            if sha256_file(path) != expected["sha256"]:
                 raise CheckpointError(f"checkpoint {directory}: file {name} fails its sha256 check "
                                       f"(corrupted)")
     return trainer_state

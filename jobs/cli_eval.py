@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from jobs.export import load_exported_model
+from rae.devices import pick_device
 
 
 def parse_classes(text: str) -> tuple[int, ...] | None:
@@ -41,12 +42,6 @@ def parse_interval(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--cfg-interval {text!r}: expected LO,HI such as 0.1,1.0") from None
     return lo, hi
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device("cuda" if name == "gpu" else "cpu")
 
 
 def _inception(spec: str, device: torch.device):
@@ -131,7 +126,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if not (args.samples and args.ref and args.inception):
         raise ValueError("rae eval needs --samples, --ref and --inception (or a subcommand: reference, rfid)")
-    extractor = _inception(args.inception, _device(args.device))
+    extractor = _inception(args.inception, pick_device(args.device))
     result = evaluate(iter_sample_images(args.samples, batch_size=args.batch_size), args.ref, extractor)
     result.update(samples=args.samples, reference=args.ref, offline_inception=args.inception == "offline")
     _emit(_finite(result), args.json_out)
@@ -142,7 +137,7 @@ def _run_reference(args: argparse.Namespace) -> int:
     from pipelines.eval_images import iter_shard_images
     from rae.evaluation import compute_reference_stats
 
-    extractor = _inception(args.inception, _device(args.device))
+    extractor = _inception(args.inception, pick_device(args.device))
     images = iter_shard_images(args.shards, args.image_size, batch_size=args.batch_size, max_images=args.max_images)
     stats = compute_reference_stats(images, extractor, keep_features=args.keep_features,
                                     source=f"{args.shards} (ADM centre crop {args.image_size} px)")
@@ -160,7 +155,7 @@ def _run_rfid(args: argparse.Namespace) -> int:
     from rae.evaluation import DinoV2Features, reconstruction_fid
     from rae.latent_spec import check_same_latents
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     trained_on = read_export_facts(args.decoder, "decoder").latent_spec
     encoder = load_encoder(trained_on.encoder, weights=args.encoder_weights, input_size=trained_on.input_size,
                            device=device)

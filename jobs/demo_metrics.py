@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.demo_report import Report, image_grid, loss_curves, to_uint8
+from jobs.demo_report import Report, image_grid, loss_curves
+from rae.image_tensors import to_uint8_images, to_unit_images
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -34,7 +35,7 @@ def pooled_features(encoder: torch.nn.Module, images: np.ndarray, batch: int = 6
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 255.0
+            x = to_unit_images(torch.from_numpy(images[i:i + batch]))
             out.append(encoder(x).mean(dim=1).double().numpy())
     return np.concatenate(out)
 
@@ -92,8 +93,8 @@ def build_report(workdir: Path, config, *, images_classes: list[str], shards: di
     val_images, val_labels = _decode_all(shards["val"], size)
     train_images, train_labels = _decode_all(shards["train"], size)
     with torch.no_grad():
-        x = torch.from_numpy(val_images).permute(0, 3, 1, 2).float() / 255.0
-        recon = to_uint8(decoder(encoder(x)).numpy())
+        x = to_unit_images(torch.from_numpy(val_images))
+        recon = to_uint8_images(decoder(encoder(x))).numpy()
     recon_psnr = psnr(val_images, recon)
     mean_image = np.broadcast_to(train_images.mean(axis=0).round().astype(np.uint8), val_images.shape)
     baseline_psnr = psnr(val_images, mean_image)

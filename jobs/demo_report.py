@@ -15,16 +15,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, 3, H, W) floats in [0, 1] or (N, H, W, 3) uint8 -> (N, H, W, 3) uint8."""
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images if images.shape[-1] == 3 else images.transpose(0, 2, 3, 1)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (N, 3, H, W) or (N, H, W, 3) uint8, got {images.shape}")
-    return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
 def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, scale: int = 2,
                gap: int = 2, label_width: int = 150) -> Image.Image:
     """Rows of images (each (n, H, W, 3) uint8) into one picture, optionally labelled on the left."""

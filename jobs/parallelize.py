@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rae.devices import pick_device
+
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -85,8 +87,8 @@ def compile_units(units: Iterable[nn.Module]) -> None:
 
 
 def training_device() -> torch.device:
-    """The local GPU when CUDA is usable, else the CPU (a logical Ray GPU on a CPU box is not)."""
-    if torch.cuda.is_available():
+    """This rank's GPU when CUDA is usable, else the CPU (a logical Ray GPU on a CPU box is not)."""
+    if pick_device().type == "cuda":
         import ray.train.torch
 
         return ray.train.torch.get_device()

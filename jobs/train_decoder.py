@@ -64,6 +64,7 @@ from rae.discriminator import BACKBONES, build_discriminator
 from rae.ema import EMA
 from rae.encoders import DEFAULT_ENCODER, ENCODER_PRESETS, load_encoder
 from rae.latent_spec import LatentSpec
+from rae.image_tensors import to_unit_images
 from rae.perceptual import PERCEPTUAL_KINDS, build_perceptual_loss, default_vgg16_path
 
 logger = logging.getLogger(__name__)
@@ -135,13 +136,6 @@ def resolve_perceptual(config: DecoderRunConfig) -> tuple[str, str | None]:
     say(f"{banner}\n{message}\n{banner}")
     logger.warning(message)
     return "efficientnet-lite0", config.perceptual_weights
-
-
-def to_unit_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1]."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-    return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 class DecoderTask(Task):

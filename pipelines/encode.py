@@ -22,19 +22,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-from tqdm.auto import tqdm
 
 from pipelines import latent_store, storage
+from pipelines.actor_pool import plan_actor_pool, run_through_pool
 from pipelines.encoder_actor import LatentEncoder
 from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
-from pipelines.streaming import streamed_batches
+from rae.devices import check_device_choice
 from rae.encoders import DEFAULT_ENCODER, RepresentationEncoder, load_encoder
 from rae.latent_spec import STATS_FILE
 
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,7 @@ class EncodeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        check_device_choice(self.device)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.latent_dtype not in latent_store.LATENT_DTYPES:
@@ -138,17 +136,10 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
     opts = config.storage_options
     shards_local = storage.is_process_local(storage.resolve(config.shards, opts)[0])
     store_local = storage.is_process_local(storage.resolve(config.store, opts)[0])
-    if not ray.is_initialized():
-        ray.init()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = config.device == "gpu" or (config.device == "auto" and gpus > 0)
-    if use_gpu and gpus == 0:
-        log.warning("encoder actors ask for a GPU but the cluster has none now; waiting up to %ss for one "
-                    "(an autoscaler may add GPU nodes)", config.gpu_wait_s)
-    pool = config.num_actors or (max(1, gpus) if use_gpu else 1)
+    pool = plan_actor_pool(config.device, config.num_actors)
     # Ray starts a num_cpus=1 actor with OMP_NUM_THREADS=1; on CPU the encoder is the job's whole
     # cost (decoding is ~2% of it), so each CPU actor uses its share of the cluster's cores.
-    cpu_threads = None if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // pool)
+    cpu_threads = None if pool.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // pool.size)
 
     rows = []
     for index in pending:
@@ -158,60 +149,27 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
             fs, path = storage.resolve(shard.url, opts)
             row["shard_bytes"] = fs.cat_file(path)
         rows.append(row)
-    # A Dataset keeps the DataContext current at its creation: set the actor start timeout first, so a
-    # GPU request on a cluster without GPUs fails after gpu_wait_s instead of waiting forever.
-    context = ray.data.DataContext.get_current()
-    previous_wait = context.wait_for_min_actors_s
-    if use_gpu:
-        context.wait_for_min_actors_s = max(1, int(config.gpu_wait_s))
-    bar = tqdm(total=len(pending), unit="shard", desc="encode", disable=not config.progress)
-    try:
-        ds = _build_dataset(config, encoder, manifest, shards, pending, rows, class_names, encoder_cls,
-                            use_gpu=use_gpu, pool=pool, cpu_threads=cpu_threads,
-                            commit_on_workers=not store_local)
-        commit_kwargs = {"store": config.store, "manifest": manifest, "storage_options": opts}
-        with streamed_batches(ds, batch_size=1, batch_format="numpy", prefetch_batches=0) as batches:
-            for batch in batches:
-                summary = batch if not store_local else commit_shard_batch(batch, **commit_kwargs)
-                bar.update(1)
-                bar.set_postfix(rows=int(summary["rows"][0]), rejected=int(summary["rejected"][0]))
-    except ray.exceptions.GetTimeoutError as err:
-        if not use_gpu:
-            raise
-        raise RuntimeError(
-            f"encoder actors need 1 GPU each but none started within {config.gpu_wait_s:g}s; the cluster has "
-            f"{ray.cluster_resources().get('GPU', 0):g} GPU(s) ({_resources()}). Add GPU workers, or pass "
-            f"--device cpu to encode on CPU.") from err
-    finally:
-        context.wait_for_min_actors_s = previous_wait
-        bar.close()
+    commit_kwargs = {"store": config.store, "manifest": manifest, "storage_options": opts}
 
+    def stages(ds: ray.data.Dataset) -> ray.data.Dataset:
+        # A decode task holds a shard and its decoded crops: ask for that memory. Asking for it also
+        # keeps decoding a separate operator (a request the actor does not share) that overlaps the
+        # encoder, instead of being fused into the encoder actor.
+        decode_memory = max(64 * 2**20, 3 * max(shards[i].size for i in pending))
+        ds = ds.map_batches(decode_shard_batch, batch_size=1, num_cpus=1, memory=decode_memory, fn_kwargs={
+            "image_size": encoder.spec.image_size, "limits": config.limits,
+            "num_classes": len(class_names) if class_names else None, "storage_options": opts})
+        ds = pool.map(ds, encoder_cls, {
+            "encoder": config.encoder, "weights": config.weights, "input_size": encoder.spec.input_size,
+            "flip": config.flip, "latent_dtype": config.latent_dtype, "batch_size": config.batch_size,
+            "weights_digest": encoder.weights_digest, "cpu_threads": cpu_threads})
+        if not store_local:
+            ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=0.25, fn_kwargs=commit_kwargs)
+        return ds
 
-def _build_dataset(config: EncodeConfig, encoder: RepresentationEncoder, manifest: dict, shards: list[ShardInfo],
-                   pending: list[int], rows: list[dict], class_names: list[str] | None, encoder_cls: type, *,
-                   use_gpu: bool, pool: int, cpu_threads: int | None, commit_on_workers: bool):
-    opts = config.storage_options
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    # A decode task holds a shard and its decoded crops: ask for that memory. Asking for it also
-    # keeps decoding a separate operator (a request the actor does not share) that overlaps the
-    # encoder, instead of being fused into the encoder actor.
-    decode_memory = max(64 * 2**20, 3 * max(shards[i].size for i in pending))
-    ds = ds.map_batches(decode_shard_batch, batch_size=1, num_cpus=1, memory=decode_memory, fn_kwargs={
-        "image_size": encoder.spec.image_size, "limits": config.limits,
-        "num_classes": len(class_names) if class_names else None, "storage_options": opts})
-    ds = ds.map_batches(
-        encoder_cls, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
-        fn_constructor_kwargs={"encoder": config.encoder, "weights": config.weights,
-                               "input_size": encoder.spec.input_size, "flip": config.flip,
-                               "latent_dtype": config.latent_dtype, "batch_size": config.batch_size,
-                               "weights_digest": encoder.weights_digest, "cpu_threads": cpu_threads},
-        **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
-    if commit_on_workers:
-        ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=0.25, fn_kwargs={
-            "store": config.store, "manifest": manifest, "storage_options": opts})
-    return ds
+    def committed(batch: dict[str, np.ndarray]) -> dict[str, int]:
+        summary = commit_shard_batch(batch, **commit_kwargs) if store_local else batch
+        return {"rows": int(summary["rows"][0]), "rejected": int(summary["rejected"][0])}
 
-
-def _resources() -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(ray.cluster_resources().items())
-                     if not k.startswith(("node:", "memory", "object_store")))
+    run_through_pool(rows, pool, stages, committed, actors="encoder", verb="encode", unit="shard",
+                     gpu_wait_s=config.gpu_wait_s, progress=config.progress)

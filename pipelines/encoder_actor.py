@@ -10,7 +10,9 @@ import os
 import numpy as np
 import torch
 
+from rae.devices import pick_device
 from rae.encoders import RepresentationEncoder, load_encoder
+from rae.image_tensors import to_unit_images
 
 
 class LatentEncoder:
@@ -24,7 +26,7 @@ class LatentEncoder:
 
     def __init__(self, encoder: str, weights: str | None, input_size: int | None, flip: bool,
                  latent_dtype: str, batch_size: int, weights_digest: str, cpu_threads: int | None = None):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device()
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(max(1, min(cpu_threads, len(os.sched_getaffinity(0)))))
         self.encoder: RepresentationEncoder = load_encoder(encoder, weights=weights, input_size=input_size,
@@ -53,7 +55,7 @@ class LatentEncoder:
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         """(b, S, S, 3) uint8 on the device -> (b, V, N, C) latents in the store dtype, on the device."""
-        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        x = to_unit_images(images)
         views = [x, x.flip(-1)] if self.flip else [x]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return torch.stack([self.encoder(v).float() for v in views], dim=1).to(self.torch_dtype)

@@ -16,7 +16,7 @@ from PIL import Image
 from pipelines import storage
 from pipelines.image_decode import decode_shard
 from pipelines.shards import list_shards
-from rae.evaluation.images import quantize
+from rae.image_tensors import to_uint8_images, to_unit_images
 
 SAMPLES_NPZ = "samples.npz"
 
@@ -89,5 +89,5 @@ def iter_reconstructions(batches: Iterator[np.ndarray], encoder: torch.nn.Module
     """Each batch (uint8 NHWC at the decoder's image size) through the frozen encoder and the
     decoder, quantized to uint8 as a saved reconstruction would be."""
     for batch in batches:
-        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 255.0
-        yield quantize(decoder(encoder(x)).float()).permute(0, 2, 3, 1).cpu().numpy()
+        x = to_unit_images(torch.from_numpy(batch).to(device))
+        yield to_uint8_images(decoder(encoder(x))).cpu().numpy()

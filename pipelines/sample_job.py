@@ -33,9 +33,10 @@ import ray
 from PIL import Image
 
 from pipelines import storage
+from pipelines.actor_pool import plan_actor_pool, run_through_pool
 from pipelines.exports import ExportFacts, load_latent_stats, read_export_facts
-from pipelines.sample_models import Guidance, ImageSampler, Loader, item_seed, pick_device
-from pipelines.streaming import streamed_batches
+from pipelines.sample_models import Guidance, ImageSampler, Loader, item_seed
+from rae.devices import check_device_choice, pick_device
 from rae.latent_spec import check_same_latents
 from rae.sampling import SamplerConfig
 
@@ -89,8 +90,7 @@ class SampleConfig:
             raise ValueError("choose one guidance: --cfg-scale (classifier-free) or --guide (AutoGuidance)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.device not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"device must be auto, gpu or cpu, got {self.device!r}")
+        check_device_choice(self.device)
         if not (self.png or self.npz):
             raise ValueError("nothing to write: ask for --npz and/or --png")
 
@@ -189,7 +189,9 @@ class SampleActor:
     def __init__(self, *, config: SampleConfig, labels: np.ndarray, num_classes: int, loader: Loader,
                  write: bool):
         self.config, self.labels, self.write = config, labels, write
-        self.sampler = build_image_sampler(config, num_classes, loader, pick_device(config.device != "cpu"))
+        # "gpu" placed this actor on a Ray GPU; it still samples on CPU where that node's CUDA is unusable.
+        device = pick_device("cpu" if config.device == "cpu" else "auto")
+        self.sampler = build_image_sampler(config, num_classes, loader, device)
 
     def sample_range(self, start: int, stop: int) -> dict[str, np.ndarray]:
         size = self.config.batch_size
@@ -300,37 +302,18 @@ def run_sampling(config: SampleConfig, *, loader: Loader, actor_cls: type = Samp
 
 def _run_pool(config: SampleConfig, pending: list[tuple[int, int]], labels: np.ndarray, num_classes: int,
               loader: Loader, actor_cls: type) -> None:
-    from tqdm import tqdm
-
     out_local = storage.is_process_local(storage.resolve(config.out)[0])
-    if not ray.is_initialized():
-        ray.init()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = config.device == "gpu" or (config.device == "auto" and gpus > 0)
-    pool = config.num_actors or (max(1, gpus) if use_gpu else 1)
+    pool = plan_actor_pool(config.device, config.num_actors)
     rows = [{"start": start, "stop": stop} for start, stop in pending]
-    # Set before the dataset is built: a dataset keeps the context it was created with.
-    context = ray.data.DataContext.get_current()
-    previous_wait = context.wait_for_min_actors_s
-    context.wait_for_min_actors_s = int(max(1, config.gpu_wait_s if use_gpu else 600))
-    bar = tqdm(total=len(pending), unit="part", desc="sample", disable=not config.progress)
-    try:
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            actor_cls, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
-            fn_constructor_kwargs={"config": config, "labels": labels, "num_classes": num_classes,
-                                   "loader": loader, "write": not out_local},
-            **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
-        with streamed_batches(ds, batch_size=1, batch_format="numpy", prefetch_batches=0) as batches:
-            for batch in batches:
-                if out_local:
-                    write_part(config.out, int(batch["start"][0]), int(batch["stop"][0]), batch["images"][0],
-                               batch["labels"][0], batch["seeds"][0], config.png)
-                bar.update(1)
-    except ray.exceptions.GetTimeoutError as err:
-        if not use_gpu:
-            raise
-        raise RuntimeError(f"sampler actors need 1 GPU each but none started within {config.gpu_wait_s:g}s; "
-                           f"the cluster has {gpus} GPU(s). Add GPU workers, or pass --device cpu.") from err
-    finally:
-        context.wait_for_min_actors_s = previous_wait
-        bar.close()
+
+    def stages(ds: ray.data.Dataset) -> ray.data.Dataset:
+        return pool.map(ds, actor_cls, {"config": config, "labels": labels, "num_classes": num_classes,
+                                        "loader": loader, "write": not out_local})
+
+    def written(batch: dict[str, np.ndarray]) -> None:
+        if out_local:
+            write_part(config.out, int(batch["start"][0]), int(batch["stop"][0]), batch["images"][0],
+                       batch["labels"][0], batch["seeds"][0], config.png)
+
+    run_through_pool(rows, pool, stages, written, actors="sampler", verb="sample", unit="part",
+                     gpu_wait_s=config.gpu_wait_s, progress=config.progress)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rae.evaluation.images import quantize
+from rae.image_tensors import to_uint8_images
 from rae.normalization import LatentStats
 from rae.sampling import SamplerConfig, autoguidance, classifier_free_guidance, conditional, integrate, time_grid
 
@@ -89,9 +89,4 @@ class ImageSampler:
         """uint8 images (B, H, W, 3), rounded to nearest as a saved image would be."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             images = self.decoder(self.latents(labels, seeds))
-        return quantize(images.float()).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def pick_device(prefer_gpu: bool = True) -> torch.device:
-    """CUDA when usable (a logical Ray GPU on a CPU-only machine is not), else CPU."""
-    return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")
+        return to_uint8_images(images).cpu().numpy()

@@ -6,7 +6,7 @@ The head predicts pixels in the encoder's normalized space (x - mean) / std; the
 at the very end so the output lives in [0, 1]-ish pixel space (not clamped, so losses see the raw
 prediction).
 
-Read top to bottom: positions, the model, then the named size presets and the factory.
+Read top to bottom: the config, the model, then the named size presets and the factory.
 """
 from __future__ import annotations
 
@@ -16,34 +16,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
+from rae.image_tensors import IMAGENET_MEAN, IMAGENET_STD
 from rae.latent_spec import PIXELS_PER_TOKEN
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fixed 2-D sin-cos position embedding (MAE / DiT)
-# ----------------------------------------------------------------------------------------------
-
-def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """(len(positions), dim) embedding: half sines, half cosines over geometric frequencies."""
-    if dim % 2:
-        raise ValueError(f"sin-cos embedding dimension must be even, got {dim}")
-    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
-    angles = positions.to(torch.float64).reshape(-1, 1) * omega.reshape(1, -1)
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """(grid*grid, dim) embedding, row-major over the grid: first half encodes rows, second columns."""
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    emb = torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1)
-    return emb.to(torch.float32)
+from rae.positions import sincos_pos_embed_2d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +70,7 @@ class ViTDecoder(nn.Module):
         self.config = config
         self.in_proj = nn.Linear(config.latent_channels, config.width)
         # Fixed, not learned: kept as a buffer so checkpoints and device moves carry it.
-        self.register_buffer("pos_embed", sincos_2d(config.width, config.grid).unsqueeze(0))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(config.width, config.grid).unsqueeze(0))
         # timm sizes the MLP as int(width * ratio); the +0.5 makes that exactly mlp_dim despite float rounding.
         mlp_ratio = (config.mlp_dim + 0.5) / config.width
         self.blocks = nn.ModuleList(

@@ -22,8 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from rae.image_tensors import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

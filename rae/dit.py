@@ -20,9 +20,9 @@ from rae.dit_blocks import (
     LabelEmbedder,
     RotaryEmbedding2D,
     patchify,
-    sincos_pos_embed_2d,
     unpatchify,
 )
+from rae.positions import sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)
@@ -247,8 +247,3 @@ def build_dit(
 def dit_from_config(config: DiTConfig) -> DiT | DiTDH:
     """The model a config describes (e.g. one restored from a checkpoint's `asdict(config)`)."""
     return DiTDH(config) if config.head_depth > 0 else DiT(config)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters (fixed buffers such as positions and Fourier frequencies excluded)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,6 +1,6 @@
 """Building blocks of the RAE diffusion transformers (DiT and DiT^DH).
 
-Read top to bottom: token-grid helpers, positional encodings (fixed 2-D sin-cos and 2-D RoPE),
+Read top to bottom: token-grid helpers, 2-D RoPE (the fixed sin-cos positions are in `rae/positions.py`),
 conditioning embedders (Gaussian Fourier time, class labels with CFG dropout), the transformer
 block with adaLN-Zero, and the final adaLN + linear layer. The models themselves live in `rae/dit.py`.
 """
@@ -47,20 +47,6 @@ def unpatchify(x: Tensor, grid: int, patch: int) -> Tensor:
     c = x.shape[-1] // (patch * patch)
     x = x.reshape(b, g, g, patch, patch, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, grid * grid, c)
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
-    """Fixed 2-D sin-cos positions (grid*grid, dim): half the channels encode the row, half the column."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position width must be a multiple of 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-
-    def encode(pos: Tensor) -> Tensor:
-        angles = pos.reshape(-1, 1).double() * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
 class RotaryEmbedding2D(nn.Module):

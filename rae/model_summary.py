@@ -32,8 +32,10 @@ class ModelSummary:
         return {**asdict(self), "gmacs": self.gmacs}
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, *, trainable_only: bool) -> int:
+    """Parameters of ``model``: all of them (what a preset weighs, frozen encoders included), or only
+    those that train. Buffers (fixed positions, Fourier frequencies) are never counted."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def forward_flops(forward: Callable[[], object]) -> int:
@@ -52,7 +54,7 @@ def encoder_summary(name: str) -> ModelSummary:
         images = torch.empty(1, 3, spec.image_size, spec.image_size)
         flops = forward_flops(lambda: encoder(images))
     n, c = encoder.latent_spec().shape
-    return ModelSummary("encoder", name, count_parameters(encoder), flops / 1e9,
+    return ModelSummary("encoder", name, count_parameters(encoder, trainable_only=False), flops / 1e9,
                         f"{spec.input_size}px -> {n}x{c}")
 
 
@@ -63,7 +65,7 @@ def decoder_summary(preset: str, latent_channels: int = 768, grid: int = 16) -> 
         decoder = build_decoder(preset, latent_channels=latent_channels, grid=grid)
         latents = torch.empty(1, grid * grid, latent_channels)
         flops = forward_flops(lambda: decoder(latents))
-    return ModelSummary("decoder", preset, count_parameters(decoder), flops / 1e9,
+    return ModelSummary("decoder", preset, count_parameters(decoder, trainable_only=False), flops / 1e9,
                         f"{grid * grid}x{latent_channels} -> {decoder.config.image_size}px")
 
 
@@ -80,7 +82,7 @@ def dit_summary(preset: str, latent_channels: int = 768, grid: int = 16,
         y = torch.zeros(1, dtype=torch.long)
         flops = forward_flops(lambda: model(x, t, y))
     narrow = model.config.output_width < model.config.token_dim
-    return ModelSummary("dit", preset, count_parameters(model), flops / 1e9,
+    return ModelSummary("dit", preset, count_parameters(model, trainable_only=False), flops / 1e9,
                         f"{grid * grid}x{latent_channels} -> velocity"
                         + (" (narrower than the tokens: refused unless allow_narrow)" if narrow else ""))
 

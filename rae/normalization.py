@@ -10,14 +10,14 @@ of the data into batches or workers, merged in any order, gives the same numbers
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from rae.weights_io import write_atomically
 
 STATS_FORMAT = "rae-latent-stats"
 STATS_FORMAT_VERSION = 1
@@ -107,15 +107,7 @@ class LatentStats:
             "channels": str(self.shape[1]),
             "has_mean": "true" if self.has_mean else "false",
         }
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> LatentStats:

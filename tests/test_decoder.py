@@ -3,7 +3,8 @@ import pytest
 import torch
 from scipy import stats
 
-from rae.decoder import DECODER_PRESETS, DecoderConfig, ViTDecoder, build_decoder, sincos_2d
+from rae.decoder import DECODER_PRESETS, DecoderConfig, ViTDecoder, build_decoder
+from rae.positions import sincos_pos_embed_2d
 
 
 def test_tiny_decoder_maps_default_grid_to_256_pixels():
@@ -65,7 +66,7 @@ def test_output_is_unnormalized_with_the_encoders_mean_and_std():
 def test_positions_are_fixed_sincos_not_parameters():
     decoder = build_decoder("tiny", latent_channels=8, grid=4)
     assert all("pos_embed" not in name for name, _ in decoder.named_parameters())
-    torch.testing.assert_close(decoder.pos_embed[0], sincos_2d(decoder.config.width, 4))
+    torch.testing.assert_close(decoder.pos_embed[0], sincos_pos_embed_2d(decoder.config.width, 4))
     assert torch.unique(decoder.pos_embed[0], dim=0).shape[0] == 16  # every cell is distinct
 
 

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from rae.dit import DIT_PRESETS, DiT, DiTConfig, DiTDH, build_dit, count_parameters
-from rae.dit_blocks import RotaryEmbedding2D, patchify, sincos_pos_embed_2d, unpatchify
+from rae.dit import DIT_PRESETS, DiT, DiTConfig, DiTDH, build_dit
+from rae.model_summary import count_parameters
+from rae.dit_blocks import RotaryEmbedding2D, patchify, unpatchify
+from rae.positions import sincos_pos_embed_2d
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -11,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _meta_params(preset: str, **overrides) -> int:
     with torch.device("meta"):
-        return count_parameters(build_dit(preset, **overrides))
+        return count_parameters(build_dit(preset, **overrides), trainable_only=True)
 
 
 @pytest.mark.parametrize("preset,paper_millions", [("dit-xl", 676), ("ditdh-xl", 839)])

@@ -31,7 +31,7 @@ from rae.decoder import build_decoder  # noqa: E402
 from rae.dit import build_dit  # noqa: E402
 from rae.encoders import ENCODER_PRESETS  # noqa: E402
 from rae.evaluation import read_adm_npz  # noqa: E402
-from rae.evaluation.images import quantize  # noqa: E402
+from rae.image_tensors import quantize  # noqa: E402
 from rae.latent_spec import STATS_FILE, LatentSpec  # noqa: E402
 from rae.sampling import SamplerConfig, conditional, integrate, time_grid  # noqa: E402
 

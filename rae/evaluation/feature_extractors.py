@@ -13,7 +13,6 @@ statistics it may be compared with), `label` and `comparable_with_papers`.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rae.evaluation.images import tf_bilinear_resize, to_uint8_nchw
+from rae.weights_io import sha256_file
 
 __all__ = ["Features", "InceptionFeatures", "DinoV2Features", "load_adm_inception", "load_offline_inception",
            "load_dinov2_features", "ADM_FEATURE_SPACE", "ADM_INCEPTION_URL", "OFFLINE_LABEL"]
@@ -40,14 +40,6 @@ class Features:
     pool: np.ndarray
     probs: np.ndarray | None = None
     spatial: np.ndarray | None = None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -128,7 +120,7 @@ def load_adm_inception(path: str | Path, *, device: torch.device | str | None = 
             f"clean-fid) on a machine with internet from {ADM_INCEPTION_URL} and pass its local path. "
             f"For an offline stand-in (not paper-comparable) use load_offline_inception()."
         )
-    digest = _sha256(path)
+    digest = sha256_file(path)
     return InceptionFeatures(_load_torchscript(path), id=f"adm-inception-v3:sha256:{digest[:16]}",
                              feature_space=ADM_FEATURE_SPACE,
                              label="Inception-v3 inception-2015-12-05 (ADM suite network, TorchScript port)",
@@ -153,7 +145,7 @@ def load_offline_inception(*, device: torch.device | str | None = None) -> Incep
     The archive holds the convolutional trunk only (no 1008-way classifier), so Inception Score
     cannot be computed with it. Its input is uint8 / 128 - 1 at 299 px, TF-style bilinear resize."""
     path = offline_inception_path()
-    digest = _sha256(path)
+    digest = sha256_file(path)
     return InceptionFeatures(_load_torchscript(path), id=f"offline-inception-v3:fid-helper-default_1:sha256:{digest[:16]}",
                              feature_space=f"offline-inception-v3:sha256:{digest[:16]}/pool", label=OFFLINE_LABEL,
                              comparable_with_papers=False, nvidia_api=False, device=device)

@@ -6,13 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["to_uint8_nchw", "quantize", "tf_bilinear_resize"]
+from rae.image_tensors import quantize
 
-
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] -> uint8 by round-to-nearest (values outside [0, 1] are clamped),
-    as torchvision's save_image does; samples are evaluated as the 8-bit images a user would save."""
-    return (images.float() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+__all__ = ["to_uint8_nchw", "tf_bilinear_resize"]
 
 
 def to_uint8_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
