@@ -137,11 +137,11 @@ def plain_encode(config: EncodeConfig, timings: dict[str, float]) -> int:
 
     shards = list_shards(config.shards)
     class_names = read_class_names(shards)
-    reference = load_encoder(config.encoder, input_size=config.input_size, device="cpu")
+    reference = load_encoder(config.encoder, input_size=config.encoder_input_size, device="cpu")
     manifest = plan_manifest(config, reference, shards, class_names)
     latent_store.write_manifest(config.store, manifest)
-    actor = LatentEncoder(config.encoder, config.weights, config.input_size, config.flip, config.latent_dtype,
-                          config.batch_size, reference.weights_digest)
+    actor = LatentEncoder(config.encoder, config.encoder_weights, config.encoder_input_size, config.flip,
+                          config.latent_dtype, config.batch_size, reference.weights_digest)
     lap("setup_s")
     for index, shard in enumerate(shards):
         decoded = decode_shard(shard, image_size=reference.spec.image_size, limits=config.limits,
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def run(kind: str, record: bool = True) -> float:
             store = f"file://{work}/store-{kind}-{next(counter)}"
-            cfg = EncodeConfig(shards=shards, store=store, encoder=ENCODER, input_size=config["input_size"],
+            cfg = EncodeConfig(shards=shards, store=store, encoder=ENCODER, encoder_input_size=config["input_size"],
                                batch_size=config["batch_size"], flip=config["flip"], device="cpu", progress=False)
             start, wall_start = time.perf_counter(), time.time()
             timings: dict[str, float] = {}

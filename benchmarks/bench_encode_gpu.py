@@ -5,7 +5,7 @@ forward on inputs already on the GPU; GPU utilisation while the actor runs; and 
 needs: decode + ADM crop of real JPEG photo crops per core and over every core of the machine, so
 the cores one GPU needs follow from measurements on the same machine.
 
-Weights are random (written to a file and loaded the way ``--weights PATH`` is): the speed is the
+Weights are random (written to a file and loaded the way ``--encoder-weights PATH`` is): the speed is the
 same as the hub weights', which cannot be fetched offline.
 
     python -m benchmarks.bench_encode_gpu [--quick] [--budget-s SECONDS]

