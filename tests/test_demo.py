@@ -10,14 +10,11 @@ import os
 import shutil
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
-
-from jobs.demo import DemoConfig, run_demo  # noqa: E402
-from jobs.demo_data import PHOTOS  # noqa: E402
+from jobs.demo import DemoConfig, run_demo
+from jobs.demo_data import PHOTOS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,12 +24,9 @@ TINY = DemoConfig(classes=3, train_per_class=16, val_per_class=2, decoder_width=
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+def demo(tmp_path_factory, ray_cluster):
     workdir = tmp_path_factory.mktemp("demo")
-    index = run_demo(workdir, TINY)
-    yield workdir, index
-    ray.shutdown()
+    return workdir, run_demo(workdir, TINY)
 
 
 def test_report_has_every_artifact(demo):

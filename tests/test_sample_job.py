@@ -14,51 +14,34 @@ import time
 import numpy as np
 import pytest
 import torch
+from builders import latent_manifest, write_latent_store
 
-ray = pytest.importorskip("ray")
+from jobs import cli_eval
+from jobs.export import load_exported_model, write_export
+from jobs.train_dit import DiTRunConfig, check_store_matches, write_self_contained_export
+from pipelines import latent_store
+from pipelines.sample_job import PARTS_DIR, SampleActor, SampleConfig, plan_labels, run_sampling
+from pipelines.sample_models import item_seed
+from pipelines.store_reader import open_store
+from rae.decoder import build_decoder
+from rae.dit import build_dit
+from rae.evaluation import read_adm_npz
+from rae.evaluation.images import quantize
+from rae.sampling import SamplerConfig, conditional, integrate, time_grid
 
-from jobs import cli_eval  # noqa: E402
-from jobs.export import load_exported_model, write_export  # noqa: E402
-from jobs.train_dit import DiTRunConfig, check_store_matches, write_self_contained_export  # noqa: E402
-from pipelines import latent_store  # noqa: E402
-from pipelines.sample_job import PARTS_DIR, SampleActor, SampleConfig, plan_labels, run_sampling  # noqa: E402
-from pipelines.sample_models import item_seed  # noqa: E402
-from pipelines.shards import ShardInfo  # noqa: E402
-from pipelines.store_reader import open_store  # noqa: E402
-from rae.decoder import build_decoder  # noqa: E402
-from rae.dit import build_dit  # noqa: E402
-from rae.evaluation import read_adm_npz  # noqa: E402
-from rae.evaluation.images import quantize  # noqa: E402
-from rae.sampling import SamplerConfig, conditional, integrate, time_grid  # noqa: E402
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 ENCODER, INPUT_SIZE, TOKENS, CHANNELS, CLASSES = "dinov2-s-offline", 56, 16, 384, 4
 ENCODER_FACTS = {"name": ENCODER, "input_size": INPUT_SIZE, "grid": 4, "channels": CHANNELS,
                  "weights_digest": "d" * 64}
 NUM, PART, BATCH, STEPS = 12, 4, 2, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 def make_store(url: str) -> str:
     """A complete latent store whose statistics have a clear mean and scale (so denormalization shows)."""
     rng = np.random.default_rng(0)
     latents = (3.0 + 2.0 * rng.normal(size=(8, 1, TOKENS, CHANNELS))).astype(np.float16)
-    shards = [ShardInfo(url="mem://s.tar", name="s.tar", size=1)]
-    manifest = latent_store.new_manifest(
-        encoder=ENCODER_FACTS, preprocessing={"crop": "test"}, latent_dtype="float16",
-        latent_shape=(TOKENS, CHANNELS), shards=shards, class_names=[f"c{i}" for i in range(CLASSES)], software={})
-    latent_store.write_manifest(url, manifest)
-    latent_store.write_shard(url, manifest, 0, keys=[f"k{i}" for i in range(8)], labels=[i % CLASSES for i in range(8)],
-                             latents=latents, rejected=[])
-    latent_store.finalize(url, manifest)
-    return url
+    manifest = latent_manifest((TOKENS, CHANNELS), encoder=ENCODER_FACTS, class_names=[f"c{i}" for i in range(CLASSES)])
+    return write_latent_store(url, manifest, latents, [i % CLASSES for i in range(8)])
 
 
 def untrained_dit() -> torch.nn.Module:

@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import latent_manifest, write_latent_store
 
-ray = pytest.importorskip("ray")
-
-from jobs.config_overrides import load_config  # noqa: E402
-from jobs.export import export_url, load_exported_model  # noqa: E402
-from jobs.train_dit import DiTRunConfig, check_store_matches, train_dit  # noqa: E402
-from pipelines import latent_store  # noqa: E402
-from pipelines.shards import ShardInfo  # noqa: E402
+from jobs.config_overrides import load_config
+from jobs.export import export_url, load_exported_model
+from jobs.train_dit import DiTRunConfig, check_store_matches, train_dit
+from pipelines import latent_store
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +29,9 @@ def make_store(url: str, *, encoder: str = ENCODER, rows: int = ROWS, seed: int 
     centres = rng.normal(size=(CLASSES, TOKENS, CHANNELS)).astype(np.float32)
     labels = rng.integers(0, CLASSES, size=rows)
     latents = centres[labels] + 0.3 * rng.normal(size=(rows, TOKENS, CHANNELS)).astype(np.float32)
-    half = rows // 2
-    shards = [ShardInfo(url=f"mem://shard-{i}.tar", name=f"shard-{i}.tar", size=1000 + i) for i in range(2)]
-    manifest = latent_store.new_manifest(
-        encoder={"name": encoder, "input_size": INPUT_SIZE, "grid": 4, "channels": CHANNELS},
-        preprocessing={"crop": "test"}, latent_dtype="float16", latent_shape=(TOKENS, CHANNELS),
-        shards=shards, class_names=[f"c{i}" for i in range(CLASSES)], software={})
-    latent_store.write_manifest(url, manifest)
-    for index, rows_slice in enumerate((slice(0, half), slice(half, rows))):
-        keys = [f"k{i}" for i in range(rows)[rows_slice]]
-        latent_store.write_shard(url, manifest, index, keys=keys, labels=labels[rows_slice].tolist(),
-                                 latents=latents[rows_slice, None].astype(np.float16), rejected=[])
-    latent_store.finalize(url, manifest)
-    return url
+    manifest = latent_manifest((TOKENS, CHANNELS), parts=2, class_names=[f"c{i}" for i in range(CLASSES)],
+                               encoder={"name": encoder, "input_size": INPUT_SIZE, "grid": 4, "channels": CHANNELS})
+    return write_latent_store(url, manifest, latents[:, None].astype(np.float16), labels)
 
 
 def tiny_config(store: str, **sets: str) -> DiTRunConfig:
@@ -54,14 +42,6 @@ def tiny_config(store: str, **sets: str) -> DiTRunConfig:
         "optim.schedule.base_lr": 3e-3, "optim.schedule.final_lr": 3e-4,
         "optim.schedule.hold_epochs": 3, "optim.schedule.decay_end_epoch": 4, **sets}.items()]
     return load_config(DiTRunConfig(), sets=items)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
