@@ -16,6 +16,9 @@ from jobs.config_overrides import load_config
 from jobs.export import export_url, load_exported_model
 from jobs.train_dit import DiTRunConfig, check_store_matches, train_dit
 from pipelines import latent_store
+from pipelines.store_reader import open_store, read_latents
+from rae.dit import build_dit
+from rae.transport import training_loss
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,16 @@ def make_store(url: str, *, encoder: str = ENCODER, rows: int = ROWS, seed: int 
     manifest = latent_manifest((TOKENS, CHANNELS), parts=2, class_names=[f"c{i}" for i in range(CLASSES)],
                                encoder={"name": encoder, "input_size": INPUT_SIZE, "grid": 4, "channels": CHANNELS})
     return write_latent_store(url, manifest, latents[:, None].astype(np.float16), labels)
+
+
+def flow_matching_loss(model: torch.nn.Module, store: str) -> float:
+    """The training objective over the whole store, at fixed noise and times (the same for every model)."""
+    data = read_latents(store)
+    x = open_store(store).stats.normalize(torch.from_numpy(data["latent"].astype(np.float32)))
+    with torch.no_grad():
+        losses = training_loss(model.eval(), x, torch.from_numpy(data["label"]).long(),
+                               generator=torch.Generator().manual_seed(0))
+    return losses.mean().item()
 
 
 def tiny_config(store: str, **sets: str) -> DiTRunConfig:
@@ -83,7 +96,11 @@ def test_dit_loss_decreases_and_export_loads(tmp_path, store, ray_cluster):
     x = torch.randn(2, TOKENS, CHANNELS)
     velocity = model(x, torch.tensor([0.5, 0.9]), torch.tensor([0, 1]))
     assert velocity.shape == x.shape and torch.isfinite(velocity).all()
+    untrained = flow_matching_loss(build_dit(config["preset"], **config["kwargs"]), store)
+    exported = flow_matching_loss(model, store)
+    assert exported < 0.9 * untrained, (exported, untrained)  # the export holds the trained EMA, not the init
     history = json.loads((Path(export_url(storage, "dit-tiny")) / "history.json").read_text())
     assert history[-1]["step"] == 16 and all(a["step"] < b["step"] for a, b in zip(history, history[1:]))
     assert all(math.isfinite(row["loss"]) for row in history) and "history" not in config
-    print(f"DiT tiny: window-mean loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"DiT tiny: window-mean loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+          f"whole-store loss of the export {exported:.4f}, untrained {untrained:.4f}")
