@@ -52,12 +52,14 @@ def ray_cluster(ray_env):
     """A local 2-CPU Ray cluster of its own for the module (never another process's cluster)."""
     saved = {key: os.environ.get(key) for key in ray_env}
     os.environ.update(ray_env)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
