@@ -60,7 +60,7 @@ def verify_store(url: str, *, stats_rtol: float = 1e-6, storage_options: Storage
     num_classes = manifest.get("num_classes")
     seen: set[tuple[str, int]] = set()
     moments: MomentAccumulator | None = None
-    for part, (part_url, table) in zip(manifest["parts"], iter_part_tables(store)):
+    for part, (_, table) in zip(manifest["parts"], iter_part_tables(store)):
         name = part["path"]
         latent_type = table.schema.field(latent_store.LATENT_COLUMN).type
         if latent_type != expected_type:

@@ -1,4 +1,7 @@
-"""Shared test setup: offline hub, deterministic and thread-limited torch."""
+"""Shared test setup: offline hub, deterministic and thread-limited torch, and the fixtures several
+test modules use (a local Ray cluster, an S3 server). Test data builders are in builders.py."""
+from __future__ import annotations
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,7 +9,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest  # noqa: E402
+import ray  # noqa: E402
 import torch  # noqa: E402
+from s3_server import s3_server  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -25,3 +30,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A loopback S3 server for the module; request it before ``ray_cluster`` (see ``ray_env``)."""
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def ray_env() -> dict[str, str]:
+    """Environment variables the module's Ray workers must inherit, set before ``ray.init`` and
+    restored after the cluster stops. A module overrides this fixture to add variables, or to
+    request fixtures that must start first (the ``s3`` server exports its endpoint to the workers)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_env):
+    """A local 2-CPU Ray cluster of its own for the module (never another process's cluster)."""
+    saved = {key: os.environ.get(key) for key in ray_env}
+    os.environ.update(ray_env)
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

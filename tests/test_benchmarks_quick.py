@@ -12,11 +12,10 @@ import json
 import os
 
 import pytest
+import ray
 import torch
 
-ray = pytest.importorskip("ray")
-
-from benchmarks import (  # noqa: E402
+from benchmarks import (
     bench_dit_gpu,
     bench_encode,
     bench_encode_gpu,
@@ -25,8 +24,8 @@ from benchmarks import (  # noqa: E402
     bench_store_read,
     bench_train_step,
 )
-from benchmarks.common import start_ray  # noqa: E402
-from benchmarks.flops import config_of, forward_flops_per_image  # noqa: E402
+from benchmarks.common import start_ray
+from benchmarks.flops import config_of, forward_flops_per_image
 
 pytestmark = pytest.mark.slow
 RECORD_KEYS = {"name", "quick", "date", "device", "versions", "config", "loadavg_start", "loadavg_end",

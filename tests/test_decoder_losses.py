@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from skimage import data
+from builders import photo
 
 from rae.decoder import build_decoder
 from rae.decoder_loss import (
@@ -188,7 +188,7 @@ def test_diff_augment_is_differentiable_and_keeps_shape():
 
 
 def _photo(name: str, size: int) -> torch.Tensor:
-    image = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1)[None].float() / 255
+    image = torch.from_numpy(photo(name)).permute(2, 0, 1)[None].float() / 255
     return F.interpolate(image, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
 
 

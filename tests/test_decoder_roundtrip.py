@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from skimage import data
+from builders import photo
 
 from rae.decoder import build_decoder
 from rae.encoders import load_encoder, state_dict_digest
@@ -21,7 +21,7 @@ SIZE = 64
 
 def two_crops(name: str) -> list[torch.Tensor]:
     """A centred square crop and a quarter-size detail crop, each resized to SIZE."""
-    image = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float() / 255
+    image = torch.from_numpy(photo(name)).permute(2, 0, 1).float() / 255
     h, w = image.shape[1:]
     s = min(h, w)
     centre = image[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]

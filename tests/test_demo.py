@@ -10,14 +10,11 @@ import os
 import shutil
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
-
-from jobs.demo import DemoConfig, run_demo  # noqa: E402
-from jobs.demo_data import PHOTOS  # noqa: E402
+from jobs.demo import DemoConfig, run_demo
+from jobs.demo_data import PHOTOS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,12 +24,9 @@ TINY = DemoConfig(classes=3, train_per_class=16, val_per_class=2, decoder_width=
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+def demo(tmp_path_factory, ray_cluster):
     workdir = tmp_path_factory.mktemp("demo")
-    index = run_demo(workdir, TINY)
-    yield workdir, index
-    ray.shutdown()
+    return workdir, run_demo(workdir, TINY)
 
 
 def test_report_has_every_artifact(demo):
@@ -55,9 +49,14 @@ def test_metrics_are_finite_and_sensible(demo):
     assert recon["images"] == TINY.classes * TINY.val_per_class
     assert metrics["classes"] == sorted(PHOTOS[:TINY.classes])  # labels number the sorted class folders
     assert samples["count"] == TINY.classes * TINY.samples_per_class
-    for key in ("class_consistency", "class_consistency_real_heldout"):
-        assert 0.0 <= samples[key] <= 1.0
-    assert samples["class_consistency_chance"] == pytest.approx(1 / TINY.classes)
+    assert 0.0 <= samples["class_consistency"] <= 1.0
+    chance = samples["class_consistency_chance"]
+    assert chance == pytest.approx(1 / TINY.classes)
+    # The reference point is real: the encoder's centroids tell held-out real crops apart (measured 5/6
+    # against chance 1/3). The tiny models themselves are not asserted to beat their baselines: at these
+    # sizes they do not (12.0 dB against the mean image's 13.7 dB; samples at chance), even with short
+    # EMAs; learning is asserted in test_train_decoder and test_train_dit.
+    assert samples["class_consistency_real_heldout"] > chance + 0.3
     for key in ("fd_encoder_samples_vs_train", "fd_encoder_heldout_vs_train"):
         assert math.isfinite(samples[key]) and samples[key] >= 0.0
     timings = metrics["timings_s"]

@@ -17,48 +17,35 @@ import numpy as np
 import pytest
 import ray
 import torch
-from PIL import Image
-from s3_server import s3_server
+from builders import latent_manifest, synthetic_spec, write_image_folder, write_latent_store
 
 from pipelines import latent_store
-from pipelines.encode import EncodeConfig, LatentEncoder, encode_to_store
+from pipelines.encode import EncodeConfig, encode_to_store
 from pipelines.image_decode import decode_image
 from pipelines.latent_store import StoreMismatchError
-from pipelines.shards import ShardInfo, make_shards
+from pipelines.shards import make_shards
 from pipelines.store_check import verify_store
 from pipelines.store_reader import latent_dataset, open_store, read_latents
 from rae.encoders import load_encoder
-from rae.latent_spec import STATS_FILE, LatentSpec
+from rae.latent_spec import STATS_FILE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 ENCODER, INPUT_SIZE, IMAGE_SIZE = "dinov2-s-offline", 56, 64
 CLASSES = ("ant", "bee")
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with s3_server() as endpoint:  # before ray.init, so workers inherit the S3 environment
-        yield endpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(s3):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+def ray_env(s3) -> dict[str, str]:
+    """The S3 server starts before Ray, so the workers inherit its endpoint."""
+    return {}
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("images")
-    for c in CLASSES:
-        (root / c).mkdir()
-        for i in range(5):
-            size = (48 + 8 * i, 72 - 4 * i)
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / c / f"{c}_{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), {
+        c: {f"{c}_{i}.png": rng.integers(0, 255, (48 + 8 * i, 72 - 4 * i, 3), dtype=np.uint8) for i in range(5)}
+        for c in CLASSES})
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +134,12 @@ def test_training_dataset_yields_normalized_latents_and_labels(file_store):
 
 
 def test_training_dataset_reshuffles_part_order_every_epoch(tmp_path):
-    spec = LatentSpec(encoder="synthetic", weights_digest="none", input_size=2, patch_size=1, grid=2, channels=3,
-                      image_size=32, stats=STATS_FILE)
-    manifest = latent_store.new_manifest(
-        latent_spec=spec, preprocessing={"views": ["original"]}, latent_dtype="float16",
-        shards=[ShardInfo(f"file:///s{i}.tar", f"s{i}.tar", 1) for i in range(8)], class_names=None, software={})
-    for index in range(8):  # one part per shard; its label is the shard index
-        latent_store.write_shard(str(tmp_path), manifest, index, keys=[f"{index}/a", f"{index}/b"], labels=[index] * 2,
-                                 latents=np.full((2, 1, 4, 3), index, np.float16), rejected=[])
-    latent_store.finalize(str(tmp_path), manifest)
+    manifest = latent_manifest(synthetic_spec(input_size=2, patch_size=1, grid=2, channels=3), parts=8,
+                               preprocessing={"views": ["original"]})
+    shard_of_row = np.repeat(np.arange(8), 2)  # one part per shard; its label is the shard index
+    latents = np.broadcast_to(shard_of_row[:, None, None, None], (16, 1, 4, 3)).astype(np.float16)
+    write_latent_store(str(tmp_path), manifest, latents, shard_of_row,
+                       keys=[f"{index}/{row}" for index in range(8) for row in "ab"])
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # row order = file order, so only the shuffle changes it
     try:

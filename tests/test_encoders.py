@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from builders import photo
 
 from rae import offline_weights
 from rae.encoders import (
@@ -33,9 +34,7 @@ def offline(cache):
 
 
 def _photos(size: int, n: int = 2) -> torch.Tensor:
-    import skimage.data
-
-    imgs = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()][:n]
+    imgs = [photo(name) for name in ("astronaut", "coffee", "chelsea")[:n]]
     x = torch.stack([torch.from_numpy(np.ascontiguousarray(a[:300, :300])).permute(2, 0, 1) for a in imgs])
     return F.interpolate(x.float() / 255, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
 
@@ -220,8 +219,8 @@ def test_conversion_consumes_every_backbone_initializer_with_timm_shapes():
 
 
 def test_converted_backbone_matches_onnxruntime():
-    ort = pytest.importorskip("onnxruntime")
     import onnx
+    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     path = offline_weights.packaged_onnx_path()
@@ -272,16 +271,12 @@ def test_caveat_is_stated():
 def _augmented_crops(size: int, per_photo: int = 6, seed: int = 0):
     """Random crops of 10 real photos with flips, brightness/contrast, channel shuffles and greyscale,
     so colour statistics alone cannot tell the photos apart."""
-    import skimage.data
-
     photos = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina",
               "hubble_deep_field", "camera", "clock", "coins"]
     rng = np.random.default_rng(seed)
     crops, labels = [], []
     for label, name in enumerate(photos):
-        a = getattr(skimage.data, name)()
-        a = np.stack([a] * 3, -1) if a.ndim == 2 else a
-        img = torch.from_numpy(a).permute(2, 0, 1).float() / 255
+        img = torch.from_numpy(photo(name)).permute(2, 0, 1).float() / 255
         h, w = img.shape[1:]
         for _ in range(per_photo):
             s = int(min(h, w) * rng.uniform(0.3, 0.9))

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from builders import write_image_folder
 
 from jobs import cli_eval
 from pipelines.exports import write_export
@@ -37,13 +37,14 @@ def run(*argv: str) -> dict:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     """Smooth colour gradients with a class-dependent hue, of assorted sizes (cropped to 64 px)."""
-    root = tmp_path_factory.mktemp("images")
     yy, xx = np.mgrid[0:80, 0:96] / 96.0
-    for c, name in enumerate(("red", "blue")):
-        (root / name).mkdir()
-        for i in range(5):
-            rgb = np.stack([xx * (1 - c) + 0.1 * i, yy, xx * c + 0.05 * i], axis=-1)
-            Image.fromarray((255 * np.clip(rgb, 0, 1)).astype(np.uint8)[: 70 + 2 * i]).save(root / name / f"{i}.png")
+
+    def gradient(c: int, i: int) -> np.ndarray:
+        rgb = np.stack([xx * (1 - c) + 0.1 * i, yy, xx * c + 0.05 * i], axis=-1)
+        return (255 * np.clip(rgb, 0, 1)).astype(np.uint8)[: 70 + 2 * i]
+
+    root = write_image_folder(tmp_path_factory.mktemp("images"), {
+        name: {f"{i}.png": gradient(c, i) for i in range(5)} for c, name in enumerate(("red", "blue"))})
     dest = str(tmp_path_factory.mktemp("shards"))
     make_shards(str(root), dest, max_count=6, progress=False)
     return dest

@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from skimage import data as skdata
+from builders import photo
 
 from rae.evaluation import (
     ReferenceStats,
@@ -40,7 +40,7 @@ def offline():
 
 @pytest.fixture(scope="module")
 def photo_sets(offline):
-    photos = np.stack([_centre_crop(getattr(skdata, name)()) for name in PHOTOS])  # (6, 128, 128, 3) NHWC
+    photos = np.stack([_centre_crop(photo(name)) for name in PHOTOS])  # (6, 128, 128, 3) NHWC
     flipped = photos[:, :, ::-1].copy()  # the same scenes, mirrored
     noise = np.random.default_rng(0).integers(0, 256, size=photos.shape, dtype=np.uint8)
     feats = {k: offline(v) for k, v in {"photos": photos, "flipped": flipped, "noise": noise}.items()}

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from builders import latent_manifest, synthetic_spec, write_latent_store
 
 from pipelines import latent_store
-from pipelines.latent_store import StoreMismatchError, check_compatible, finalize, new_manifest, write_shard
-from pipelines.shards import ShardInfo
+from pipelines.latent_store import StoreMismatchError, check_compatible, finalize, write_shard
 from pipelines.store_check import store_info, verify_store
 from pipelines.store_reader import open_store, read_latents
 from rae.latent_spec import STATS_FILE, LatentSpec
@@ -19,26 +19,18 @@ N, C = 4, 8
 
 
 def make_manifest(num_shards: int = 3, **spec_overrides) -> dict:
-    shards = [ShardInfo(f"file:///data/shard-{i:06d}.tar", f"shard-{i:06d}.tar", 1000 + i) for i in range(num_shards)]
-    spec = LatentSpec(**{"encoder": "synthetic", "weights_digest": "abc", "input_size": 28, "patch_size": 14,
-                         "grid": 2, "channels": C, "image_size": 32, "stats": STATS_FILE, **spec_overrides})
-    return new_manifest(latent_spec=spec, preprocessing={"crop": "adm-center-crop", "views": ["original"]},
-                        latent_dtype="float16", shards=shards, class_names=["a", "b", "c"], software={"rae": "test"})
+    spec = synthetic_spec(**{"input_size": 28, "patch_size": 14, "grid": 2, "channels": C, **spec_overrides})
+    return latent_manifest(spec, parts=num_shards, class_names=["a", "b", "c"],
+                           preprocessing={"crop": "adm-center-crop", "views": ["original"]}, software={"rae": "test"})
 
 
 def synthetic_store(url: str, *, rows: int = 3, num_shards: int = 3, same_keys: bool = False) -> dict:
     """Write a store; returns the latents written, (rows*shards, N, C) float16, in shard order."""
-    manifest = make_manifest(num_shards)
-    latent_store.write_manifest(url, manifest)
     rng = np.random.default_rng(0)
-    written = []
-    for index in range(num_shards):
-        z = (rng.standard_normal((rows, 1, N, C)) * 3 + 1).astype(np.float16)
-        keys = [f"k{i}" if same_keys else f"s{index}/k{i}" for i in range(rows)]
-        write_shard(url, manifest, index, keys=keys, labels=[i % 3 for i in range(rows)], latents=z, rejected=[])
-        written.append(z[:, 0])
-    finalize(url, manifest)
-    return {"latent": np.concatenate(written)}
+    z = np.concatenate([(rng.standard_normal((rows, 1, N, C)) * 3 + 1).astype(np.float16) for _ in range(num_shards)])
+    keys = [f"k{i}" if same_keys else f"s{index}/k{i}" for index in range(num_shards) for i in range(rows)]
+    write_latent_store(url, make_manifest(num_shards), z, [i % 3 for _ in range(num_shards) for i in range(rows)], keys)
+    return {"latent": z[:, 0]}
 
 
 def test_plain_pyarrow_reads_and_reshapes_latents_from_the_manifest_alone(tmp_path):

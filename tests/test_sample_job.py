@@ -15,54 +15,37 @@ import time
 import numpy as np
 import pytest
 import torch
+from builders import latent_manifest, write_latent_store
 
-ray = pytest.importorskip("ray")
+from jobs import cli_eval
+from jobs.export import load_exported_model
+from jobs.train_dit import DiTRunConfig, store_facts, write_self_contained_export
+from pipelines import latent_store
+from pipelines.exports import load_latent_stats, read_export_facts, write_export
+from pipelines.sample_job import PARTS_DIR, SampleActor, SampleConfig, plan_labels, run_sampling
+from pipelines.sample_models import item_seed
+from pipelines.store_reader import open_store
+from rae.decoder import build_decoder
+from rae.dit import build_dit
+from rae.encoders import ENCODER_PRESETS
+from rae.evaluation import read_adm_npz
+from rae.image_tensors import quantize
+from rae.latent_spec import STATS_FILE, LatentSpec
+from rae.sampling import SamplerConfig, conditional, integrate, time_grid
 
-from jobs import cli_eval  # noqa: E402
-from jobs.export import load_exported_model  # noqa: E402
-from jobs.train_dit import DiTRunConfig, store_facts, write_self_contained_export  # noqa: E402
-from pipelines import latent_store  # noqa: E402
-from pipelines.exports import load_latent_stats, read_export_facts, write_export  # noqa: E402
-from pipelines.sample_job import PARTS_DIR, SampleActor, SampleConfig, plan_labels, run_sampling  # noqa: E402
-from pipelines.sample_models import item_seed  # noqa: E402
-from pipelines.shards import ShardInfo  # noqa: E402
-from pipelines.store_reader import open_store  # noqa: E402
-from rae.decoder import build_decoder  # noqa: E402
-from rae.dit import build_dit  # noqa: E402
-from rae.encoders import ENCODER_PRESETS  # noqa: E402
-from rae.evaluation import read_adm_npz  # noqa: E402
-from rae.image_tensors import quantize  # noqa: E402
-from rae.latent_spec import STATS_FILE, LatentSpec  # noqa: E402
-from rae.sampling import SamplerConfig, conditional, integrate, time_grid  # noqa: E402
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 ENCODER, INPUT_SIZE, TOKENS, CHANNELS, CLASSES = "dinov2-s-offline", 56, 16, 384, 4
 SPEC = ENCODER_PRESETS[ENCODER].with_input_size(INPUT_SIZE).latent_spec("d" * 64, stats=STATS_FILE)
 RAW = dataclasses.replace(SPEC, stats=None)  # what a decoder records: the same latents, unnormalized
 NUM, PART, BATCH, STEPS = 12, 4, 2, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 def make_store(url: str) -> str:
     """A complete latent store whose statistics have a clear mean and scale (so denormalization shows)."""
     rng = np.random.default_rng(0)
     latents = (3.0 + 2.0 * rng.normal(size=(8, 1, TOKENS, CHANNELS))).astype(np.float16)
-    shards = [ShardInfo(url="mem://s.tar", name="s.tar", size=1)]
-    manifest = latent_store.new_manifest(
-        latent_spec=SPEC, preprocessing={"crop": "test"}, latent_dtype="float16", shards=shards,
-        class_names=[f"c{i}" for i in range(CLASSES)], software={})
-    latent_store.write_manifest(url, manifest)
-    latent_store.write_shard(url, manifest, 0, keys=[f"k{i}" for i in range(8)], labels=[i % CLASSES for i in range(8)],
-                             latents=latents, rejected=[])
-    latent_store.finalize(url, manifest)
-    return url
+    manifest = latent_manifest(SPEC, class_names=[f"c{i}" for i in range(CLASSES)])
+    return write_latent_store(url, manifest, latents, [i % CLASSES for i in range(8)])
 
 
 def untrained_dit() -> torch.nn.Module:

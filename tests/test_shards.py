@@ -6,6 +6,7 @@ import tarfile
 import fsspec
 import numpy as np
 import pytest
+from builders import write_image_folder
 from PIL import Image
 from s3_server import s3_server
 
@@ -18,13 +19,11 @@ CLASSES = ("n01", "n02")
 def image_folder(tmp_path):
     """2 classes x 3 images (PNG and JPEG, one with a dotted name) and one file that is not an image."""
     rng = np.random.default_rng(0)
-    for c in CLASSES:
-        (tmp_path / "src" / c).mkdir(parents=True)
-        for i in range(3):
-            name = f"{c}_{i}.v2.jpg" if i == 2 else f"{c}_{i}.png"
-            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "src" / c / name)
-    (tmp_path / "src" / "n01" / "notes.txt").write_text("not an image")
-    return tmp_path / "src"
+    root = write_image_folder(tmp_path / "src", {
+        c: {f"{c}_{i}.v2.jpg" if i == 2 else f"{c}_{i}.png": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            for i in range(3)} for c in CLASSES})
+    (root / "n01" / "notes.txt").write_text("not an image")
+    return root
 
 
 def read_samples(url: str) -> dict[str, dict[str, bytes]]:

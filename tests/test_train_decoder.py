@@ -10,20 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from builders import photo, write_image_folder
+from PIL import Image
 
-ray = pytest.importorskip("ray")
-skimage_data = pytest.importorskip("skimage.data")
-
-from PIL import Image  # noqa: E402
-
-from jobs.cli import main as cli_main  # noqa: E402
-from jobs.config_overrides import load_config  # noqa: E402
-from jobs.decoder_data import census, crop_sizes, random_crops  # noqa: E402
-from jobs.export import export_url, load_exported_model  # noqa: E402
-from jobs.train_decoder import DecoderRunConfig, resolve_perceptual, train_decoder  # noqa: E402
-from pipelines.image_decode import decode_image  # noqa: E402
-from pipelines.shards import make_shards  # noqa: E402
-from rae.encoders import load_encoder  # noqa: E402
+from jobs.cli import main as cli_main
+from jobs.config_overrides import load_config
+from jobs.decoder_data import census, crop_sizes, random_crops
+from jobs.export import export_url, load_exported_model
+from jobs.train_decoder import DecoderRunConfig, resolve_perceptual, train_decoder
+from pipelines.image_decode import decode_image
+from pipelines.shards import make_shards
+from rae.encoders import load_encoder
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +33,13 @@ EPOCHS, STEPS_PER_EPOCH, DISC_START, GAN_START = 6, 8, 2, 4
 
 def photo_crops(name: str, count: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``count`` crops of a skimage photo, 90-140 px on a side, downscaled so the photo fills them."""
-    photo = Image.fromarray(getattr(skimage_data, name)()[..., :3]).convert("RGB")
-    photo = photo.resize((photo.width * 200 // min(photo.size), photo.height * 200 // min(photo.size)))
+    image = Image.fromarray(photo(name))
+    image = image.resize((image.width * 200 // min(image.size), image.height * 200 // min(image.size)))
     crops = []
     for _ in range(count):
         h, w = rng.integers(90, 140, size=2)
-        top, left = rng.integers(0, photo.height - h), rng.integers(0, photo.width - w)
-        crops.append(np.asarray(photo)[top:top + h, left:left + w])
+        top, left = rng.integers(0, image.height - h), rng.integers(0, image.width - w)
+        crops.append(np.asarray(image)[top:top + h, left:left + w])
     return crops
 
 
@@ -50,24 +47,14 @@ def photo_crops(name: str, count: int, rng: np.random.Generator) -> list[np.ndar
 def shards(tmp_path_factory) -> str:
     """64 real photo crops in two classes plus one corrupt file, packed by the pipeline's shard writer."""
     rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("photos")
-    for label, names in PHOTOS.items():
-        (root / label).mkdir()
-        for name in names:
-            for i, crop in enumerate(photo_crops(name, CROPS_PER_PHOTO, rng)):
-                Image.fromarray(crop).save(root / label / f"{name}_{i}.jpg", quality=95)
+    root = write_image_folder(tmp_path_factory.mktemp("photos"), {
+        label: {f"{name}_{i}.jpg": crop
+                for name in names for i, crop in enumerate(photo_crops(name, CROPS_PER_PHOTO, rng))}
+        for label, names in PHOTOS.items()})
     (root / "scene" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     dest = str(tmp_path_factory.mktemp("shards") / "train")
     make_shards(str(root), dest, max_count=20, progress=False)
     return dest
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def tiny_config(shards: str, **sets) -> DecoderRunConfig:
@@ -107,7 +94,7 @@ def test_random_crops_are_windows_of_the_images():
     images = np.arange(2 * 6 * 6 * 3, dtype=np.uint8).reshape(2, 6, 6, 3)
     crops = random_crops(images, 4, np.random.default_rng(1))
     for image, crop in zip(images, crops):
-        hits = [(t, l) for t in range(3) for l in range(3) if np.array_equal(image[t:t + 4, l:l + 4], crop)]
+        hits = [(t, left) for t in range(3) for left in range(3) if np.array_equal(image[t:t + 4, left:left + 4], crop)]
         assert len(hits) == 1
     with pytest.raises(ValueError, match="crop 7 is larger than the images"):
         random_crops(images, 7, np.random.default_rng(1))

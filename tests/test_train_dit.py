@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import latent_manifest, write_latent_store
 
-ray = pytest.importorskip("ray")
-
-from jobs.config_overrides import load_config  # noqa: E402
-from jobs.export import export_url, load_exported_model  # noqa: E402
-from jobs.train_dit import DiTRunConfig, store_facts, train_dit  # noqa: E402
-from pipelines import latent_store  # noqa: E402
-from pipelines.shards import ShardInfo  # noqa: E402
-from rae.encoders import ENCODER_PRESETS  # noqa: E402
-from rae.latent_spec import STATS_FILE  # noqa: E402
+from jobs.config_overrides import load_config
+from jobs.export import export_url, load_exported_model
+from jobs.train_dit import DiTRunConfig, store_facts, train_dit
+from pipelines import latent_store
+from pipelines.store_reader import open_store, read_latents
+from rae.dit import build_dit
+from rae.transport import training_loss
+from rae.encoders import ENCODER_PRESETS
+from rae.latent_spec import STATS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -33,19 +34,19 @@ def make_store(url: str, *, rows: int = ROWS, seed: int = 0) -> str:
     centres = rng.normal(size=(CLASSES, TOKENS, CHANNELS)).astype(np.float32)
     labels = rng.integers(0, CLASSES, size=rows)
     latents = centres[labels] + 0.3 * rng.normal(size=(rows, TOKENS, CHANNELS)).astype(np.float32)
-    half = rows // 2
-    shards = [ShardInfo(url=f"mem://shard-{i}.tar", name=f"shard-{i}.tar", size=1000 + i) for i in range(2)]
     spec = ENCODER_PRESETS[ENCODER].with_input_size(INPUT_SIZE).latent_spec("synthetic", stats=STATS_FILE)
-    manifest = latent_store.new_manifest(
-        latent_spec=spec, preprocessing={"crop": "test"}, latent_dtype="float16", shards=shards,
-        class_names=[f"c{i}" for i in range(CLASSES)], software={})
-    latent_store.write_manifest(url, manifest)
-    for index, rows_slice in enumerate((slice(0, half), slice(half, rows))):
-        keys = [f"k{i}" for i in range(rows)[rows_slice]]
-        latent_store.write_shard(url, manifest, index, keys=keys, labels=labels[rows_slice].tolist(),
-                                 latents=latents[rows_slice, None].astype(np.float16), rejected=[])
-    latent_store.finalize(url, manifest)
-    return url
+    manifest = latent_manifest(spec, parts=2, class_names=[f"c{i}" for i in range(CLASSES)])
+    return write_latent_store(url, manifest, latents[:, None].astype(np.float16), labels)
+
+
+def flow_matching_loss(model: torch.nn.Module, store: str) -> float:
+    """The training objective over the whole store, at fixed noise and times (the same for every model)."""
+    data = read_latents(store)
+    x = open_store(store).stats.normalize(torch.from_numpy(data["latent"].astype(np.float32)))
+    with torch.no_grad():
+        losses = training_loss(model.eval(), x, torch.from_numpy(data["label"]).long(),
+                               generator=torch.Generator().manual_seed(0))
+    return losses.mean().item()
 
 
 def tiny_config(store: str, **sets: str) -> DiTRunConfig:
@@ -56,14 +57,6 @@ def tiny_config(store: str, **sets: str) -> DiTRunConfig:
         "optim.schedule.base_lr": 3e-3, "optim.schedule.final_lr": 3e-4,
         "optim.schedule.hold_epochs": 3, "optim.schedule.decay_end_epoch": 4, **sets}.items()]
     return load_config(DiTRunConfig(), sets=items)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +104,11 @@ def test_dit_loss_decreases_and_export_loads(tmp_path, store, ray_cluster):
     x = torch.randn(2, TOKENS, CHANNELS)
     velocity = model(x, torch.tensor([0.5, 0.9]), torch.tensor([0, 1]))
     assert velocity.shape == x.shape and torch.isfinite(velocity).all()
+    untrained = flow_matching_loss(build_dit(config["preset"], **config["kwargs"]), store)
+    exported = flow_matching_loss(model, store)
+    assert exported < 0.9 * untrained, (exported, untrained)  # the export holds the trained EMA, not the init
     history = json.loads((Path(export_url(storage, "dit-tiny")) / "history.json").read_text())
     assert history[-1]["step"] == 16 and all(a["step"] < b["step"] for a, b in zip(history, history[1:]))
     assert all(math.isfinite(row["loss"]) for row in history) and "history" not in config
-    print(f"DiT tiny: window-mean loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"DiT tiny: window-mean loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+          f"whole-store loss of the export {exported:.4f}, untrained {untrained:.4f}")

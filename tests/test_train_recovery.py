@@ -4,29 +4,19 @@ before it; wandb (offline) writes one run, on rank 0, whose id is the run name; 
 with the latent store and the checkpoints on s3:// (a loopback moto server) through s3fs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+import ray
 import torch
+from test_train_dit import CHANNELS, TOKENS, make_store, tiny_config
 
-ray = pytest.importorskip("ray")
-
-from s3_server import s3_server  # noqa: E402
-from test_train_dit import CHANNELS, TOKENS, make_store, tiny_config  # noqa: E402
-
-from jobs.export import export_url, load_exported_model  # noqa: E402
-from jobs.train_dit import train_dit  # noqa: E402
+from jobs.export import export_url, load_exported_model
+from jobs.train_dit import train_dit
 
 pytestmark = pytest.mark.slow
 
 STEPS_PER_EPOCH = 4  # 64 rows / global batch 16
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as endpoint:  # before ray.init, so the workers inherit the S3 environment
-        yield endpoint
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +25,9 @@ def wandb_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3, wandb_dir):
-    saved = {key: os.environ.get(key) for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")}
-    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir), WANDB_SILENT="true")  # workers inherit
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+def ray_env(s3, wandb_dir) -> dict[str, str]:
+    """The S3 server starts before Ray, so the workers inherit its endpoint; wandb writes offline."""
+    return {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
 
 
 @pytest.fixture(scope="module")

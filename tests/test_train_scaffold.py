@@ -9,22 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
+import ray.cloudpickle
+import ray.train
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
-ray = pytest.importorskip("ray")
-import ray.cloudpickle  # noqa: E402
-import ray.train  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-
-from jobs.checkpointing import CheckpointError, ModelState, save_checkpoint, verify_checkpoint  # noqa: E402
-from jobs.launch import launch, parse_num_workers, storage_location  # noqa: E402
-from jobs.lr_schedule import LRSchedule  # noqa: E402
-from jobs.checkpointing import restore_latest  # noqa: E402
-from jobs.config_overrides import load_config  # noqa: E402
-from jobs.parallelize import plan_batches  # noqa: E402
-from jobs.optimizer_step import accumulate_gradients, apply_update  # noqa: E402
-from jobs.train_scaffold import (  # noqa: E402
+from jobs.checkpointing import CheckpointError, ModelState, save_checkpoint, verify_checkpoint
+from jobs.launch import launch, parse_num_workers, storage_location
+from jobs.lr_schedule import LRSchedule
+from jobs.checkpointing import restore_latest
+from jobs.config_overrides import load_config
+from jobs.parallelize import plan_batches
+from jobs.optimizer_step import accumulate_gradients, apply_update
+from jobs.train_scaffold import (
     LoopConfig,
     OptimConfig,
     SingleModelTask,
@@ -101,15 +100,6 @@ def _final_weights(result) -> dict[str, torch.Tensor]:
     with result.checkpoint.as_directory() as local:
         dcp.load({"model": ModelState(model)}, checkpoint_id=local)
     return model.state_dict()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-             log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

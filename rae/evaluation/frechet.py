@@ -84,7 +84,8 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
         warnings.simplefilter("ignore")  # scipy's "singular matrix" chatter; we check the result
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
+                      stacklevel=2)
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
