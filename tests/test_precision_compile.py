@@ -16,8 +16,12 @@ from jobs.train_dit import DiTRunConfig, DiTTask, StoreFacts
 from jobs.train_scaffold import LoopConfig, RunContext
 from rae.dit import build_dit
 from rae.dit_blocks import RMSNorm
+from rae.encoders import ENCODER_PRESETS
+from rae.latent_spec import STATS_FILE
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+SPEC = ENCODER_PRESETS["dinov2-s-offline"].with_input_size(56).latent_spec("synthetic", stats=STATS_FILE)  # 4x4 x 384
 
 
 def test_precision_auto_is_bf16_on_gpu_and_fp32_on_cpu():
@@ -58,7 +62,7 @@ def _step(precision: str) -> tuple[float, set[torch.dtype]]:
     torch.manual_seed(0)
     loop = LoopConfig(global_batch_size=4, max_micro_batch=2, precision=precision, compile="off")
     task = DiTTask(DiTRunConfig(model="ditdh-tiny", loop=loop),
-                   StoreFacts(url="memory://none", rows=64, grid=4, channels=384, num_classes=4))
+                   StoreFacts(url="memory://none", rows=64, num_classes=4, latent_spec=SPEC))
     task.setup(RunContext(rank=0, world=1, device=CPU, plan=plan_batches(4, 1, 2), steps_per_epoch=16,
                           dtype=compute_dtype(precision, CPU)))
     seen: set[torch.dtype] = set()
