@@ -72,9 +72,9 @@ def trainer_step(preset: str, *, global_batch: int, micro: int, precision: str, 
     step ends by reading the loss and gradient norm, a device sync). ``peak`` None: no MFU (CPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from jobs.parallelize import compile_enabled, compute_dtype, plan_batches
-    from jobs.train_dit import DiTRunConfig, DiTTask, StoreFacts
-    from jobs.train_scaffold import LoopConfig, RunContext
+    from jobs.train.parallelize import compile_enabled, compute_dtype, plan_batches
+    from jobs.train.dit import DiTRunConfig, DiTTask, StoreFacts
+    from jobs.train.loop import LoopConfig, RunContext
     from rae.encoders import ENCODER_PRESETS
 
     torch._dynamo.reset()

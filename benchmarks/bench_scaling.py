@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray.cluster_utils import Cluster
 
     from benchmarks.common import export_pythonpath, start_ray
-    from jobs.train_dit import store_facts
+    from jobs.train.dit import store_facts
     from pipelines.store_reader import open_store
 
     args = parse_args(__doc__.splitlines()[0], argv)

@@ -1,4 +1,4 @@
-"""Training step time: the DiT^DH run on Ray Train (``jobs.train_scaffold.fit`` with ``DiTTask``, data
+"""Training step time: the DiT^DH run on Ray Train (``jobs.train.loop.fit`` with ``DiTTask``, data
 from the latent store through Ray Data) against a plain torch loop stepping the same task on the
 same model, batch and data (read with ``read_latents``) in this process. Then 2 Ray Train workers
 with FSDP2 (gloo, CPU) against 1, the global batch held fixed.
@@ -31,10 +31,10 @@ from benchmarks.common import (
     start_ray,
     steady_step_time,
 )
-from jobs.launch import launch
-from jobs.parallelize import plan_batches
-from jobs.train_scaffold import LoopConfig, RunContext, Task, fit, ray_shard_batches
-from jobs.train_dit import DiTRunConfig, DiTTask, StoreFacts, store_facts
+from jobs.train.launch import launch
+from jobs.train.parallelize import plan_batches
+from jobs.train.loop import LoopConfig, RunContext, Task, fit, ray_shard_batches
+from jobs.train.dit import DiTRunConfig, DiTTask, StoreFacts, store_facts
 
 
 class TimedTask(Task):

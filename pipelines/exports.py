@@ -12,7 +12,7 @@ file of weights and how to build the module. An export folder (``<run>/export/``
 ``latent_spec`` is the :class:`rae.latent_spec.LatentSpec` of the latents the model was trained on,
 copied verbatim from the store (DiT) or from the encoder (decoder). Writing and reading live here,
 in ``pipelines``, so the sampling job reads exports without the ``jobs`` package; building the
-module from the weights is ``jobs.export.load_exported_model``.
+module from the weights is ``jobs.train.export.load_exported_model``.
 """
 from __future__ import annotations
 

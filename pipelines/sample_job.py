@@ -278,7 +278,7 @@ def _open_run(config: SampleConfig, settings: dict) -> dict:
 
 def run_sampling(config: SampleConfig, *, loader: Loader, actor_cls: type = SampleActor) -> SampleResult:
     """Sample every missing part of ``config.out`` on the current Ray cluster, then assemble the ADM
-    ``samples.npz``. ``loader(url, device)`` builds an exported model (``jobs.export.load_exported_model``)."""
+    ``samples.npz``. ``loader(url, device)`` builds an exported model (``jobs.train.export.load_exported_model``)."""
     dit, decoder, guide = check_exports(config)
     settings = settings_of(config, dit, decoder, guide)
     num_classes = int(dit.kwargs["num_classes"])

@@ -3,7 +3,7 @@ latent statistics, and the per-item seeds.
 
 The exports are read and checked against each other with :mod:`pipelines.exports` (a DiT export
 holds the store's normalization statistics and latent spec, so it samples on its own); building
-the modules from the weights is the caller's ``loader`` (``jobs.export.load_exported_model``),
+the modules from the weights is the caller's ``loader`` (``jobs.train.export.load_exported_model``),
 which keeps the dependency direction jobs -> pipelines.
 
 Determinism: item i's initial noise comes from its own CPU ``torch.Generator`` seeded with

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from jobs.config_overrides import default_at, load_config
-from jobs.train_decoder import DecoderRunConfig
-from jobs.train_dit import DiTRunConfig
+from jobs.train.decoder import DecoderRunConfig
+from jobs.train.dit import DiTRunConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
@@ -43,13 +43,13 @@ def test_set_overrides_win_and_bad_keys_are_named():
 # ---------------------------------------------------------------- one configuration path for every command
 
 def parse(*argv: str):
-    from jobs.cli import build_parser
+    from jobs.cli.app import build_parser
 
     return build_parser().parse_args(list(argv))
 
 
 def built(*argv: str):
-    from jobs.cli_train import run_config_from_args
+    from jobs.cli.train import run_config_from_args
     from jobs.config_overrides import config_from_args
 
     args = parse(*argv)
@@ -126,7 +126,7 @@ def test_every_command_takes_config_and_set(command, tmp_path):
 
 
 def test_every_configurable_command_is_covered_and_its_flags_name_real_fields():
-    from jobs.cli import build_parser
+    from jobs.cli.app import build_parser
 
     def leaves(parser, path=()):
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -153,7 +153,7 @@ def test_every_configurable_command_is_covered_and_its_flags_name_real_fields():
 
 
 def test_help_names_the_field_each_flag_sets():
-    from jobs.cli import build_parser
+    from jobs.cli.app import build_parser
 
     text = build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
     assert "[sampler.num_steps; default 50]" in " ".join(text.split())
@@ -200,7 +200,7 @@ def test_required_fields_are_typed_and_a_class_is_built_once(tmp_path):
 
 
 def test_demo_run_configs_are_the_papers_shrunk_to_the_demo():
-    from jobs.demo import DemoConfig, decoder_run_config, dit_run_config
+    from jobs.demo.run import DemoConfig, decoder_run_config, dit_run_config
 
     demo = built("demo", "--set", "dit_epochs=60")
     assert demo == DemoConfig(dit_epochs=60)

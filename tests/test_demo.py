@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from jobs.demo import DemoConfig, run_demo
-from jobs.demo_data import PHOTOS
+from jobs.demo.run import DemoConfig, run_demo
+from jobs.demo.photos import PHOTOS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

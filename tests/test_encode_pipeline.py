@@ -169,7 +169,7 @@ def test_rerun_on_a_complete_store_does_no_work(file_store, shards):
 def test_cli_encode_flags_reach_the_job(file_store, shards, capsys):
     import argparse
 
-    from jobs.cli_data import register
+    from jobs.cli.data import register
 
     parser = argparse.ArgumentParser(prog="rae")
     register(parser.add_subparsers(dest="command", required=True))

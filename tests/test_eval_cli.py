@@ -13,7 +13,7 @@ import pytest
 import torch
 from builders import write_image_folder
 
-from jobs import cli_eval
+from jobs.cli import evaluate as cli_eval
 from pipelines.exports import write_export
 from pipelines.image_decode import decode_shard
 from pipelines.shards import list_shards, make_shards

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from jobs.export import load_exported_model
+from jobs.train.export import load_exported_model
 from pipelines.exports import (
     CONFIG_FILE,
     EXPORT_FORMAT,

@@ -165,7 +165,7 @@ def test_a_missing_store_is_a_clear_error(tmp_path):
 def test_cli_store_info_and_verify(tmp_path, capsys):
     import argparse
 
-    from jobs.cli_data import register
+    from jobs.cli.data import register
 
     parser = argparse.ArgumentParser(prog="rae")
     register(parser.add_subparsers(dest="command", required=True))

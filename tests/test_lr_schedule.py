@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from jobs.lr_schedule import LRSchedule
+from jobs.train.lr_schedule import LRSchedule
 
 
 def test_dit_schedule_holds_then_decays_linearly_to_final():

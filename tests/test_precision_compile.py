@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from jobs.config_overrides import apply_overrides
-from jobs.parallelize import compile_enabled, compute_dtype, plan_batches, shard_model
-from jobs.train_dit import DiTRunConfig, DiTTask, StoreFacts
-from jobs.train_scaffold import LoopConfig, RunContext
+from jobs.train.parallelize import compile_enabled, compute_dtype, plan_batches, shard_model
+from jobs.train.dit import DiTRunConfig, DiTTask, StoreFacts
+from jobs.train.loop import LoopConfig, RunContext
 from rae.dit import build_dit
 from rae.dit_blocks import RMSNorm
 from rae.encoders import ENCODER_PRESETS
@@ -160,7 +160,7 @@ def test_compiled_blocks_under_fsdp2_train_like_eager_ones():
 @functools.cache
 def _decoder_run():
     """A tiny decoder run on the offline networks."""
-    from jobs.train_decoder import DecoderRunConfig, resolve_facts
+    from jobs.train.decoder import DecoderRunConfig, resolve_facts
 
     config = DecoderRunConfig(encoder="dinov2-s-offline", encoder_input_size=56, decoder="tiny",
                               perceptual="efficientnet-lite0", discriminator="dinov2-s-offline", disc_input_size=56)
@@ -168,7 +168,7 @@ def _decoder_run():
 
 
 def _decoder_task(precision: str, compile: bool = False):
-    from jobs.train_decoder import DecoderTask
+    from jobs.train.decoder import DecoderTask
 
     task = DecoderTask(*_decoder_run())
     torch.manual_seed(0)

@@ -17,9 +17,9 @@ import pytest
 import torch
 from builders import latent_manifest, write_latent_store
 
-from jobs import cli_eval
-from jobs.export import load_exported_model
-from jobs.train_dit import DiTRunConfig, store_facts, write_self_contained_export
+from jobs.cli import sample as cli_sample
+from jobs.train.export import load_exported_model
+from jobs.train.dit import DiTRunConfig, store_facts, write_self_contained_export
 from pipelines import latent_store
 from pipelines.exports import load_latent_stats, read_export_facts, write_export
 from pipelines.sample_job import PARTS_DIR, SampleActor, SampleConfig, plan_labels, run_sampling
@@ -97,7 +97,7 @@ def reference(exports, tmp_path_factory):
     """The uninterrupted run, through `rae sample`."""
     out = tmp_path_factory.mktemp("runs") / "reference"
     parser = argparse.ArgumentParser()
-    cli_eval.register(parser.add_subparsers(dest="command"))
+    cli_sample.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["sample", "--dit", exports["dit"], "--decoder", exports["decoder"], "--out", str(out),
                               "--num-samples", str(NUM), "--steps", str(STEPS), "--batch-size", str(BATCH),
                               "--part-size", str(PART), "--num-actors", "1", "--device", "cpu"])

@@ -139,7 +139,7 @@ def _png() -> bytes:
 def run_cli(*argv: str) -> int:
     import argparse
 
-    from jobs.cli_data import register
+    from jobs.cli.data import register
 
     parser = argparse.ArgumentParser(prog="rae")
     register(parser.add_subparsers(dest="command", required=True))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
-from jobs.submit import CONFIG_ENV_VARS, SECRET_ENV_VARS, entrypoint_for, runtime_env_for
+from jobs.cli.app import main
+from jobs.cli.submit import CONFIG_ENV_VARS, SECRET_ENV_VARS, entrypoint_for, runtime_env_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,7 +39,7 @@ def ray_head(tmp_path_factory):
 
 def test_entrypoint_runs_the_uploaded_project_cli():
     assert entrypoint_for(["rae", "encode", "--shards", "s3://b/x y"]) == \
-        "python -m jobs.cli encode --shards 's3://b/x y'"
+        "python -m jobs.cli.app encode --shards 's3://b/x y'"
     with pytest.raises(ValueError, match="needs a command"):
         entrypoint_for([])
     with pytest.raises(ValueError, match="rae command"):

@@ -13,11 +13,11 @@ import torch
 from builders import photo, write_image_folder
 from PIL import Image
 
-from jobs.cli import main as cli_main
+from jobs.cli.app import main as cli_main
 from jobs.config_overrides import load_config
-from jobs.decoder_data import census, crop_sizes, random_crops
-from jobs.export import export_url, load_exported_model
-from jobs.train_decoder import DecoderRunConfig, resolve_perceptual, train_decoder
+from pipelines.decoder_crops import census, crop_sizes, random_crops
+from jobs.train.export import export_url, load_exported_model
+from jobs.train.decoder import DecoderRunConfig, resolve_perceptual, train_decoder
 from pipelines.image_decode import decode_image
 from pipelines.shards import make_shards
 from rae.encoders import load_encoder
@@ -101,7 +101,7 @@ def test_random_crops_are_windows_of_the_images():
 
 
 def test_missing_lpips_weights_fall_back_to_efficientnet_loudly(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("jobs.train_decoder.default_vgg16_path", lambda: tmp_path / "absent.pth")
+    monkeypatch.setattr("jobs.train.decoder.default_vgg16_path", lambda: tmp_path / "absent.pth")
     assert resolve_perceptual(DecoderRunConfig()) == ("efficientnet-lite0", None)
     assert "LPIPS-VGG IS NOT AVAILABLE" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="--lpips-weights .*nope.pth: no such file"):

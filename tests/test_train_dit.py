@@ -13,8 +13,8 @@ import torch
 from builders import latent_manifest, write_latent_store
 
 from jobs.config_overrides import load_config
-from jobs.export import export_url, load_exported_model
-from jobs.train_dit import DiTRunConfig, store_facts, train_dit
+from jobs.train.export import export_url, load_exported_model
+from jobs.train.dit import DiTRunConfig, store_facts, train_dit
 from pipelines import latent_store
 from pipelines.store_reader import open_store, read_latents
 from rae.dit import build_dit

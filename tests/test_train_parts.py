@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from jobs.checkpointing import Checkpointer, ModelState, restore_latest, verify_checkpoint
-from jobs.metrics_logger import MetricsLogger
-from jobs.optimizer_step import accumulate_gradients, read_logs
-from jobs.parallelize import plan_batches
-from jobs.train_scaffold import RunContext, step_batches
+from jobs.train.checkpointing import Checkpointer, ModelState, restore_latest, verify_checkpoint
+from jobs.train.metrics_logger import MetricsLogger
+from jobs.train.optimizer_step import accumulate_gradients, read_logs
+from jobs.train.parallelize import plan_batches
+from jobs.train.loop import RunContext, step_batches
 
 
 def _mlp() -> nn.Module:

@@ -11,8 +11,8 @@ import ray
 import torch
 from test_train_dit import CHANNELS, TOKENS, make_store, tiny_config
 
-from jobs.export import export_url, load_exported_model
-from jobs.train_dit import train_dit
+from jobs.train.export import export_url, load_exported_model
+from jobs.train.dit import train_dit
 
 pytestmark = pytest.mark.slow
 

@@ -16,14 +16,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from jobs.checkpointing import CheckpointError, ModelState, save_checkpoint, verify_checkpoint
-from jobs.launch import launch, parse_num_workers, storage_location
-from jobs.lr_schedule import LRSchedule
-from jobs.checkpointing import restore_latest
+from jobs.train.checkpointing import CheckpointError, ModelState, save_checkpoint, verify_checkpoint
+from jobs.train.launch import launch, parse_num_workers, storage_location
+from jobs.train.lr_schedule import LRSchedule
+from jobs.train.checkpointing import restore_latest
 from jobs.config_overrides import load_config
-from jobs.parallelize import plan_batches
-from jobs.optimizer_step import accumulate_gradients, apply_update
-from jobs.train_scaffold import (
+from jobs.train.parallelize import plan_batches
+from jobs.train.optimizer_step import accumulate_gradients, apply_update
+from jobs.train.loop import (
     LoopConfig,
     OptimConfig,
     SingleModelTask,

@@ -1,6 +1,5 @@
-"""`rae sample` and `rae eval`: images from exported models, and the numbers papers report.
+"""`rae eval`: the numbers papers report, from samples, shards and exported decoders.
 
-    rae sample --dit EXPORT --decoder EXPORT --out URL [...]       Ray Data sampling job (resumable)
     rae eval --samples NPZ|DIR --ref REF.npz --inception PATH|offline   FID / sFID / IS / precision / recall
     rae eval reference --shards URL --out REF.npz --inception ...  reference statistics of real images
     rae eval rfid --decoder EXPORT --shards URL --inception ...    rFID (and --fd-dinov2) of reconstructions
@@ -11,39 +10,16 @@ numbers come from the offline Inception stand-in and are labelled so: they compa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from jobs.cli.output import emit_json
 from jobs.config_overrides import Flag, MissingFields, add_config_arguments, config_from_args
-from jobs.export import load_exported_model
+from jobs.train.export import load_exported_model
 from rae.devices import pick_device
-
-
-def parse_classes(text: str) -> tuple[int, ...] | None:
-    """'all' -> None; '0,5,7' and ranges '0-9' -> a tuple of class indices."""
-    if text.strip().lower() == "all":
-        return None
-    classes: list[int] = []
-    try:
-        for item in text.split(","):
-            lo, sep, hi = item.strip().partition("-")
-            classes.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--classes {text!r}: expected 'all' or a list like 0,5,10-19") from None
-    return tuple(classes)
-
-
-def parse_interval(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--cfg-interval {text!r}: expected LO,HI such as 0.1,1.0") from None
-    return lo, hi
 
 
 def _inception(spec: str, device: torch.device):
@@ -58,65 +34,6 @@ def _finite(result: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"non-finite metric(s) {bad}: the images or the reference statistics are degenerate")
     return result
 
-
-def _emit(result: dict[str, Any], path: str | None) -> None:
-    text = json.dumps(result, indent=2, sort_keys=True)
-    print(text)
-    if path:
-        Path(path).write_text(text + "\n")
-
-
-# ---------------------------------------------------------------- rae sample
-
-SAMPLE_FLAGS = (
-    Flag("dit", "DiT export folder (URL or path; <storage>/<run>/export)"),
-    Flag("decoder", "decoder export folder, made for the same encoder"),
-    Flag("out", "output folder (URL or path)"),
-    Flag("num_samples", "number of images (paper: 50000)"),
-    Flag("classes", "'all' (default) or e.g. 0,5,10-19", type=parse_classes),
-    Flag("labels", "classes in turn, equal counts (default)", name="--balanced", const="balanced"),
-    Flag("labels", "labels drawn at random with --seed", name="--random-labels", const="random"),
-    Flag("sampler.method", "ODE solver", name="--sampler", choices=("euler", "heun")),
-    Flag("sampler.num_steps", "ODE grid points (paper: 50)", name="--steps"),
-    Flag("cfg_scale", "classifier-free guidance scale (1: none)"),
-    Flag("cfg_interval", "guide only for model times in [LO, HI]", type=parse_interval, metavar="LO,HI"),
-    Flag("guide", "AutoGuidance guide: a DiT export (e.g. a briefly trained DiT^DH-S)"),
-    Flag("guide_scale", "AutoGuidance scale (paper: 1.42)"),
-    Flag("seed", "seed of every image's noise (and of --random-labels)"),
-    Flag("batch_size", "images per forward (a recorded setting)"),
-    Flag("part_size", "images per output part, a multiple of the batch size; 0: about 1024"),
-    Flag("precision", "fp32, or bf16 (costs FID)", choices=("fp32", "bf16")),
-    Flag("png", "also write one PNG per image", const=True),
-    Flag("npz", "do not write samples.npz (with --png: PNGs only)", name="--no-npz", const=False),
-    Flag("num_actors", "sampler actors (default: one per GPU, or 1 on CPU)", type=int),
-    Flag("device", "auto: one GPU per actor when the cluster has GPUs, else CPU", choices=("auto", "gpu", "cpu")),
-    Flag("gpu_wait_s", "fail if no GPU actor starts in this time"),
-    Flag("progress", "no progress bar", name="--no-progress", const=False),
-)
-
-
-def _run_sample(args: argparse.Namespace) -> int:
-    from pipelines.sample_job import run_sampling
-
-    result = run_sampling(config_from_args(args), loader=load_exported_model)
-    _emit({"out": result.out, "num_samples": result.num_samples, "parts": result.parts,
-           "sampled_parts": result.sampled_parts, "samples_npz": result.samples_npz}, None)
-    return 0
-
-
-def _add_sample(subparsers: argparse._SubParsersAction) -> None:
-    from pipelines.sample_job import SampleConfig
-
-    p = subparsers.add_parser("sample", help="class-conditional samples from an exported DiT^DH + decoder",
-                              description="Sample as a Ray Data job: one actor per GPU (CPU when the cluster has "
-                                          "none), parts written atomically, rerun the same command to resume. "
-                                          "Writes the ADM evaluation suite's samples.npz. "
-                                          "Config: pipelines.sample_job.SampleConfig.")
-    add_config_arguments(p, SampleConfig, SAMPLE_FLAGS)
-    p.set_defaults(func=_run_sample)
-
-
-# ---------------------------------------------------------------- rae eval
 
 @dataclass(frozen=True, kw_only=True)
 class ScoringConfig:
@@ -197,7 +114,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     extractor = _inception(config.inception, pick_device(config.device))
     result = evaluate(iter_sample_images(config.samples, batch_size=config.batch_size), config.ref, extractor)
     result.update(samples=config.samples, reference=config.ref, offline_inception=config.inception == "offline")
-    _emit(_finite(result), config.json_out)
+    emit_json(_finite(result), config.json_out)
     return 0
 
 
@@ -212,7 +129,7 @@ def _run_reference(args: argparse.Namespace) -> int:
     stats = compute_reference_stats(images, extractor, keep_features=config.keep_features,
                                     source=f"{config.shards} (ADM centre crop {config.image_size} px)")
     stats.save(config.out)
-    _emit({"out": config.out, "count": stats.count, "extractor_id": stats.extractor_id,
+    emit_json({"out": config.out, "count": stats.count, "extractor_id": stats.extractor_id,
            "feature_space": stats.feature_space, "digest": stats.digest,
            "offline_inception": config.inception == "offline"}, config.json_out)
     return 0
@@ -250,7 +167,7 @@ def _run_rfid(args: argparse.Namespace) -> int:
         result[f"{name}_extractor"] = scored["extractor_label"]
         result["num_images"] = scored["num_images"]
         result[f"{name}_comparable_with_papers"] = scored["comparable_with_papers"]
-    _emit(_finite(result), config.json_out)
+    emit_json(_finite(result), config.json_out)
     return 0
 
 
@@ -260,7 +177,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
                                           "--inception PATH: the ADM network's TorchScript port "
                                           "(inception-2015-12-05.pt), comparable with papers; --inception "
                                           "offline: the offline stand-in, numbers labelled as such. "
-                                          "Configs: jobs.cli_eval.EvalConfig, ReferenceConfig, RfidConfig.")
+                                          "Configs: jobs.cli.evaluate.EvalConfig, ReferenceConfig, RfidConfig.")
     add_config_arguments(p, EvalConfig, EVAL_FLAGS)
     p.set_defaults(func=_run_eval)
     sub = p.add_subparsers(dest="eval_command", metavar="[reference|rfid]")
@@ -275,5 +192,4 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    _add_sample(subparsers)
     _add_eval(subparsers)

@@ -13,7 +13,7 @@ import os
 import sys
 
 # Modules that add subcommands, in the order they appear in `rae --help`.
-_COMMAND_MODULES: tuple[str, ...] = ("jobs.demo", "jobs.cli_data", "jobs.cli_train", "jobs.cli_eval", "jobs.submit")
+_COMMAND_MODULES: tuple[str, ...] = ("jobs.demo.run", "jobs.cli.data", "jobs.cli.train", "jobs.cli.sample", "jobs.cli.evaluate", "jobs.cli.submit")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from jobs.parallelize import all_reduce_mean, autocast, set_gradient_sync
+from jobs.train.parallelize import all_reduce_mean, autocast, set_gradient_sync
 
 Batch = dict[str, torch.Tensor]
 Logs = dict[str, torch.Tensor]

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.export import export_url
-from jobs.launch import absolute_storage, launch
-from jobs.lr_schedule import LRSchedule
-from jobs.train_scaffold import LoopConfig, OptimConfig, SingleModelTask, fit, ray_shard_batches
+from jobs.train.export import export_url
+from jobs.train.launch import absolute_storage, launch
+from jobs.train.lr_schedule import LRSchedule
+from jobs.train.loop import LoopConfig, OptimConfig, SingleModelTask, fit, ray_shard_batches
 from pipelines import latent_store, storage
 from pipelines.exports import write_export
 from rae.dit import build_dit

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from jobs.progress import Progress, say
-from jobs.wandb_logging import WandbConfig, WandbLogger
+from jobs.train.progress import Progress, say
+from jobs.train.wandb_logging import WandbConfig, WandbLogger
 
 SKIPPED = "skipped"  # the metric a task sets to 1.0 when its step was skipped (non-finite)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.config_overrides import Flag, add_config_arguments, config_from_args
-from jobs.train_decoder import DecoderRunConfig
-from jobs.train_dit import DiTRunConfig
+from jobs.train.decoder import DecoderRunConfig
+from jobs.train.dit import DiTRunConfig
 from pipelines.encode import EncodeConfig
 from rae.encoders import OFFLINE_ENCODER
 
@@ -32,7 +32,7 @@ from rae.encoders import OFFLINE_ENCODER
 class DemoConfig:
     """What the demo trains, and how long. Defaults fit ~10 minutes on a 2-core CPU."""
 
-    classes: int = 8                   # one real photograph per class (jobs/demo_data.py)
+    classes: int = 8                   # one real photograph per class (jobs/demo/photos.py)
     train_per_class: int = 48
     val_per_class: int = 8
     crop_size: int = 96                # px of the stored crops; the pipeline centre-crops to image_size
@@ -139,9 +139,9 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     """Run (or finish) the demo in ``workdir``; returns the path of the report's index.html."""
     import ray
 
-    from jobs.demo_data import make_demo_images
-    from jobs.train_decoder import train_decoder
-    from jobs.train_dit import train_dit
+    from jobs.demo.photos import make_demo_images
+    from jobs.train.decoder import train_decoder
+    from jobs.train.dit import train_dit
     from pipelines.encode import encode_to_store
     from pipelines.shards import list_shards, make_shards, read_class_names
 
@@ -194,7 +194,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     dit = _stage(workdir, "train_dit", timings)(dit_stage)
 
     def sample_stage():
-        from jobs.export import load_exported_model
+        from jobs.train.export import load_exported_model
         from pipelines.sample_job import SampleConfig, run_sampling
         from rae.sampling import SamplerConfig
 
@@ -208,7 +208,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
 
     samples = _stage(workdir, "sample", timings)(sample_stage)
 
-    from jobs.demo_metrics import build_report
+    from jobs.demo.report import build_report
 
     report_start = time.perf_counter()
     index = build_report(workdir, config, images_classes=class_names, shards=shards, store=store,

@@ -2,7 +2,7 @@
 
 The job runs the same code path as a local run: the project directory is uploaded as the job's
 working directory (minus data, environments and checkpoints), and the entrypoint is the rae command
-itself, started as ``python -m jobs.cli ...`` so the uploaded copy is the code that runs.
+itself, started as ``python -m jobs.cli.app ...`` so the uploaded copy is the code that runs.
 
 Authentication: Ray >= 2.59 clusters may require a token (``RAY_AUTH_MODE=token``). The job client
 reads it from ``RAY_AUTH_TOKEN`` or the file named by ``RAY_AUTH_TOKEN_PATH`` (default
@@ -42,7 +42,7 @@ def entrypoint_for(command: list[str]) -> str:
         command = command[1:]
     if not command or command[0] == "submit":
         raise ValueError(f"rae submit runs a rae command such as 'rae encode ...'; got {shlex.join(command)!r}")
-    return shlex.join(["python", "-m", "jobs.cli", *command])
+    return shlex.join(["python", "-m", "jobs.cli.app", *command])
 
 
 def runtime_env_for(working_dir: Path, forward_secrets: bool, environ: dict[str, str]) -> dict:

@@ -6,7 +6,7 @@ crop 256), so each step's latent differs from any cached one, and a store of eve
 impossible. Re-encoding is cheap beside the rest of the step: the DINOv2-B encoder costs ~22 GMACs
 per image against ~110 GMACs for the ViT-XL decoder's forward (x3 with backward) plus the
 discriminator, under ~10% of the step. Image decoding and the random crop run in a CPU Ray Data
-operator (:mod:`jobs.decoder_data`); uint8 crops reach the workers through
+operator (:mod:`pipelines.decoder_crops`); uint8 crops reach the workers through
 ``get_dataset_shard("train")``, and every rank takes the same fixed number of steps per epoch.
 
 The decoder consumes the encoder's raw latents (the LayerNorm'd tokens), not the store's
@@ -16,7 +16,7 @@ One step on each rank: (1) generator: encode the crops (no grad), add noise-augm
 decode, L1 + perceptual (+ 0.75 x adaptive x GAN from ``loss.gan_start_epoch``), backward over the
 micro-batches, AdamW step, EMA update; (2) discriminator, from ``loss.disc_start_epoch``: fakes
 from a clean eval-mode pass, hinge loss on DiffAugmented reals and 8-bit fakes, gradients averaged
-over ranks, AdamW step. Both use the shared micro-batch accumulator (:mod:`jobs.optimizer_step`).
+over ranks, AdamW step. Both use the shared micro-batch accumulator (:mod:`jobs.train.optimizer_step`).
 Every forward runs under the run's autocast (``loop.precision``: bf16 on GPU, fp32 on CPU) and the
 decoder's blocks are compiled on GPU (``loop.compile``), as in the DiT run; the frozen encoder's
 latents are cast back to fp32, as the encode pipeline's are. Decoder blocks and then the root are
@@ -40,15 +40,15 @@ from typing import Any
 
 import torch
 
-from jobs.checkpointing import ModelState
-from jobs.decoder_data import census, crop_dataset, crop_sizes
-from jobs.export import export_url
-from jobs.launch import absolute_storage, launch
-from jobs.lr_schedule import LRSchedule
-from jobs.optimizer_step import Batch, accumulate_gradients, apply_update, read_logs
-from jobs.parallelize import autocast, average_gradients, shard_model
-from jobs.progress import say
-from jobs.train_scaffold import (
+from jobs.train.checkpointing import ModelState
+from pipelines.decoder_crops import census, crop_dataset, crop_sizes
+from jobs.train.export import export_url
+from jobs.train.launch import absolute_storage, launch
+from jobs.train.lr_schedule import LRSchedule
+from jobs.train.optimizer_step import Batch, accumulate_gradients, apply_update, read_logs
+from jobs.train.parallelize import autocast, average_gradients, shard_model
+from jobs.train.progress import say
+from jobs.train.loop import (
     LoopConfig,
     OptimConfig,
     RunContext,

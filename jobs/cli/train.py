@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from jobs.config_overrides import Flag, add_config_arguments, command_line_fields, config_from_args
-from jobs.launch import parse_num_workers
+from jobs.train.launch import parse_num_workers
 
 EPOCHS_FLAG = Flag("loop.epochs", "total epochs; the LR schedule's end (optim.schedule.decay_end_epoch) moves "
                                   "with it unless that is set too")
@@ -50,7 +50,7 @@ def run_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def _run_dit(args: argparse.Namespace) -> int:
-    from jobs.train_dit import train_dit
+    from jobs.train.dit import train_dit
 
     result = train_dit(run_config_from_args(args), run_name=args.run, storage=args.storage,
                        num_workers=args.num_workers, max_failures=args.max_failures)
@@ -58,7 +58,7 @@ def _run_dit(args: argparse.Namespace) -> int:
 
 
 def _run_decoder(args: argparse.Namespace) -> int:
-    from jobs.train_decoder import train_decoder
+    from jobs.train.decoder import train_decoder
 
     result = train_decoder(run_config_from_args(args), run_name=args.run, storage=args.storage,
                            num_workers=args.num_workers, max_failures=args.max_failures)
@@ -66,21 +66,21 @@ def _run_decoder(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from jobs.train_decoder import DecoderRunConfig
-    from jobs.train_dit import DiTRunConfig
+    from jobs.train.decoder import DecoderRunConfig
+    from jobs.train.dit import DiTRunConfig
 
     train = subparsers.add_parser("train", help="train the decoder or the DiT^DH on Ray Train",
                                   description="Ray Train jobs (FSDP2, sharded checkpoints, resume by "
                                               "run name, rank-0 wandb when loop.wandb.project is set).")
     which = train.add_subparsers(dest="train_command", metavar="<model>", required=True)
     dit = which.add_parser("dit", help="DiT^DH flow matching on a latent store",
-                           description="Run config: jobs.train_dit.DiTRunConfig (defaults: the paper's DiT^DH-XL).")
+                           description="Run config: jobs.train.dit.DiTRunConfig (defaults: the paper's DiT^DH-XL).")
     _launch_flags(dit)
     add_config_arguments(dit, DiTRunConfig, DIT_FLAGS)
     dit.set_defaults(func=_run_dit)
     decoder = which.add_parser("decoder", help="the RAE pixel decoder (L1 + LPIPS + GAN) on image shards "
                                "through the frozen encoder",
-                               description="Run config: jobs.train_decoder.DecoderRunConfig (defaults: the "
+                               description="Run config: jobs.train.decoder.DecoderRunConfig (defaults: the "
                                            "paper's ViT-XL decoder on DINOv2-B).")
     _launch_flags(decoder)
     add_config_arguments(decoder, DecoderRunConfig, DECODER_FLAGS)

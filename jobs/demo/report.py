@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.demo_report import Report, image_grid, loss_curves
+from jobs.demo.report_page import Report, image_grid, loss_curves
 from rae.image_tensors import to_uint8_images, to_unit_images
 
 
@@ -72,7 +72,7 @@ def _history(run_export: str) -> list[dict]:
 def build_report(workdir: Path, config, *, images_classes: list[str], shards: dict[str, Path], store: Path,
                  decoder_export: str, dit_export: str, samples_npz: str, timings: dict,
                  total_seconds: float) -> Path:
-    from jobs.export import load_exported_model
+    from jobs.train.export import load_exported_model
     from pipelines.exports import read_export_facts
     from pipelines.sample_job import SampleConfig, plan_labels
     from pipelines.store_reader import read_latents

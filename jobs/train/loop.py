@@ -1,8 +1,8 @@
 """The training loop both runs share. The model-specific part is a :class:`Task` (build, loss,
-backward, optimizer step, EMA: see :mod:`jobs.optimizer_step` for the shared parts of a step); the
+backward, optimizer step, EMA: see :mod:`jobs.train.optimizer_step` for the shared parts of a step); the
 loop around it is the batch plan, the LR schedule, the seeds, and two helpers it delegates to: a
-:class:`~jobs.metrics_logger.MetricsLogger` (progress line, wandb, history, reports) and a
-:class:`~jobs.checkpointing.Checkpointer` (when to save, DCP, reporting to Ray Train, restore).
+:class:`~jobs.train.metrics_logger.MetricsLogger` (progress line, wandb, history, reports) and a
+:class:`~jobs.train.checkpointing.Checkpointer` (when to save, DCP, reporting to Ray Train, restore).
 
 A run is counted in optimizer steps of one *global* batch; an epoch is ``rows // global_batch``
 steps on every rank, so ranks never disagree on the number of collectives (uneven batches
@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.checkpointing import Checkpointer, ModelState
-from jobs.lr_schedule import LRSchedule
-from jobs.metrics_logger import MetricsLogger
-from jobs.optimizer_step import Batch, accumulate_gradients, apply_update
-from jobs.parallelize import (
+from jobs.train.checkpointing import Checkpointer, ModelState
+from jobs.train.lr_schedule import LRSchedule
+from jobs.train.metrics_logger import MetricsLogger
+from jobs.train.optimizer_step import Batch, accumulate_gradients, apply_update
+from jobs.train.parallelize import (
     BatchPlan,
     compile_enabled,
     compute_dtype,
@@ -35,7 +35,7 @@ from jobs.parallelize import (
     shard_model,
     training_device,
 )
-from jobs.wandb_logging import WandbConfig
+from jobs.train.wandb_logging import WandbConfig
 from rae.ema import EMA
 
 BatchSource = Callable[[int, int], Iterator[Batch]]  # (epoch, micro_batch) -> batches of that size

@@ -1,0 +1,1 @@
+"""`rae demo`: the whole chain on bundled photos, and its report."""
