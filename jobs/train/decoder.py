@@ -42,8 +42,7 @@ import torch
 
 from jobs.train.checkpointing import ModelState
 from pipelines.decoder_crops import census, crop_dataset, crop_sizes
-from jobs.train.export import export_url
-from jobs.train.launch import absolute_storage, launch
+from jobs.train.launch import train_task
 from jobs.train.lr_schedule import LRSchedule
 from jobs.train.optimizer_step import Batch, accumulate_gradients, apply_update, read_logs
 from jobs.train.parallelize import autocast, average_gradients, shard_model
@@ -53,11 +52,8 @@ from jobs.train.loop import (
     OptimConfig,
     RunContext,
     Task,
-    fit,
     full_state_dict,
-    ray_shard_batches,
 )
-from pipelines.exports import write_export
 from rae.decoder import DECODER_PRESETS, build_decoder
 from rae.decoder_loss import DecoderLoss, DecoderLossConfig
 from rae.discriminator import BACKBONES, build_discriminator
@@ -140,6 +136,8 @@ def resolve_perceptual(config: DecoderRunConfig) -> tuple[str, str | None]:
 
 class DecoderTask(Task):
     """Decoder (generator) and discriminator heads, two AdamW optimizers on one LR schedule."""
+
+    columns = ("image",)
 
     def __init__(self, config: DecoderRunConfig, facts: DecoderFacts) -> None:
         self.config, self.facts = config, facts
@@ -264,19 +262,6 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
                         rows=0, resize=resize, crop=crop)
 
 
-def _train_fn(payload: dict) -> None:
-    import ray.train
-
-    config: DecoderRunConfig = payload["config"]
-    facts: DecoderFacts = payload["facts"]
-    rank = ray.train.get_context().get_world_rank()
-    target = payload["export_url"]
-    fit(DecoderTask(config, facts), config.loop, run_name=payload["run_name"], rows=facts.rows,
-        batches=ray_shard_batches("train", ["image"], config.loop.shuffle_buffer, config.loop.seed, rank),
-        run_config=dataclasses.asdict(config),
-        export=lambda weights, meta: write_export(target, weights, meta))
-
-
 def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, num_workers: int | tuple[int, int],
                   max_failures: int = 3, cpus_per_worker: float | None = None):
     """Resolve the encoder and losses, count the usable images, then train (or resume ``run_name``);
@@ -290,8 +275,6 @@ def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, num_
           f"{len(counted.rejected)} skipped; crops {facts.resize} -> {facts.crop} px; latents "
           f"{facts.latent_spec.describe()}; perceptual loss {facts.perceptual}", flush=True)
     dataset = crop_dataset(counted, resize=facts.resize, crop=facts.crop)
-    payload = {"config": config, "facts": facts, "run_name": run_name,
-               "export_url": export_url(absolute_storage(storage), run_name)}
-    return launch(_train_fn, payload, run_name=run_name, storage=storage, num_workers=num_workers,
-                  datasets={"train": dataset}, keep_checkpoints=config.loop.keep_checkpoints,
-                  max_failures=max_failures, cpus_per_worker=cpus_per_worker)
+    return train_task(DecoderTask(config, facts), config.loop, rows=facts.rows, run_config=dataclasses.asdict(config),
+                      run_name=run_name, storage=storage, dataset=dataset, num_workers=num_workers,
+                      max_failures=max_failures, cpus_per_worker=cpus_per_worker)

@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.train.export import export_url
-from jobs.train.launch import absolute_storage, launch
+from jobs.train.launch import train_task
 from jobs.train.lr_schedule import LRSchedule
-from jobs.train.loop import LoopConfig, OptimConfig, SingleModelTask, fit, ray_shard_batches
+from jobs.train.loop import LoopConfig, OptimConfig, SingleModelTask
 from pipelines import latent_store, storage
 from pipelines.exports import write_export
 from rae.dit import build_dit
@@ -81,7 +80,9 @@ def write_self_contained_export(url: str, weights: dict, meta: dict, facts: Stor
 
 class DiTTask(SingleModelTask):
     """The DiT^DH model, its FSDP2 units (trunk blocks, and the DDT head's blocks as their own
-    units) and the flow-matching loss."""
+    units) and the flow-matching loss; the export carries the store's statistics with it."""
+
+    columns = ("latent", "label")
 
     def __init__(self, config: DiTRunConfig, facts: StoreFacts) -> None:
         super().__init__(config.optim, config.ema_decay)
@@ -107,19 +108,8 @@ class DiTTask(SingleModelTask):
                 "kwargs": self.build_kwargs(), "latent_spec": self.facts.latent_spec.to_dict(),
                 "store": self.facts.url, "ema_decay": self.config.ema_decay}
 
-
-def _train_fn(payload: dict) -> None:
-    import ray.train
-
-    config: DiTRunConfig = payload["config"]
-    facts: StoreFacts = payload["facts"]
-    rank = ray.train.get_context().get_world_rank()
-    target = payload["export_url"]
-    fit(DiTTask(config, facts), config.loop, run_name=payload["run_name"], rows=facts.rows,
-        batches=ray_shard_batches("train", ["latent", "label"], config.loop.shuffle_buffer,
-                                  config.loop.seed, rank),
-        run_config=dataclasses.asdict(config),
-        export=lambda weights, meta: write_self_contained_export(target, weights, meta, facts))
+    def write_export(self, url: str, weights: dict, meta: dict) -> None:
+        write_self_contained_export(url, weights, meta, self.facts)
 
 
 def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, num_workers: int | tuple[int, int],
@@ -132,11 +122,10 @@ def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, num_workers:
         raise ValueError("no latent store given: pass --store URL (or store: in the config)")
     store = open_store(config.store)
     facts = store_facts(store.manifest, config, config.store)
+    task = DiTTask(config, facts)
     with torch.device("meta"):  # refuse a bad model config (e.g. too narrow) before launching anything
-        DiTTask(config, facts).build_model()
+        task.build_model()
     dataset = latent_dataset(config.store, views=config.views or None, shuffle_files=False)
-    payload = {"config": config, "facts": facts, "run_name": run_name,
-               "export_url": export_url(absolute_storage(storage), run_name)}
-    return launch(_train_fn, payload, run_name=run_name, storage=storage, num_workers=num_workers,
-                  datasets={"train": dataset}, keep_checkpoints=config.loop.keep_checkpoints,
-                  max_failures=max_failures, cpus_per_worker=cpus_per_worker)
+    return train_task(task, config.loop, rows=facts.rows, run_config=dataclasses.asdict(config), run_name=run_name,
+                      storage=storage, dataset=dataset, num_workers=num_workers, max_failures=max_failures,
+                      cpus_per_worker=cpus_per_worker)

@@ -91,3 +91,33 @@ def launch(train_fn: Callable[[dict], None], config: dict[str, Any], *, run_name
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()
+
+
+def train_task(task: Any, loop: Any, *, rows: int, run_config: dict[str, Any], run_name: str, storage: str,
+               dataset: Any, num_workers: int | tuple[int, int], max_failures: int = 3,
+               cpus_per_worker: float | None = None):
+    """Train ``task`` (a :class:`jobs.train.loop.Task`, built on the driver and set up on each worker)
+    with ``loop`` on ``dataset``; at the end rank 0 writes the export to ``<storage>/<run_name>/export``.
+    Both ``rae train decoder`` and ``rae train dit`` come through here; returns Ray's ``Result``."""
+    from jobs.train.export import export_url
+
+    payload = {"task": task, "loop": loop, "rows": rows, "run_config": run_config, "run_name": run_name,
+               "export_url": export_url(absolute_storage(storage), run_name)}
+    return launch(_fit_task, payload, run_name=run_name, storage=storage, num_workers=num_workers,
+                  datasets={"train": dataset}, keep_checkpoints=loop.keep_checkpoints,
+                  max_failures=max_failures, cpus_per_worker=cpus_per_worker)
+
+
+def _fit_task(payload: dict[str, Any]) -> None:
+    import functools
+
+    import ray.train
+
+    from jobs.train.loop import fit, ray_shard_batches
+
+    task, loop = payload["task"], payload["loop"]
+    rank = ray.train.get_context().get_world_rank()
+    fit(task, loop, run_name=payload["run_name"], rows=payload["rows"],
+        batches=ray_shard_batches("train", task.columns, loop.shuffle_buffer, loop.seed, rank),
+        run_config=payload["run_config"], export=functools.partial(task.write_export, payload["export_url"]))
+

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipelines.exports import write_export
 from jobs.train.checkpointing import Checkpointer, ModelState
 from jobs.train.lr_schedule import LRSchedule
 from jobs.train.metrics_logger import MetricsLogger
@@ -105,7 +106,9 @@ class Task(ABC):
     ``state`` names what a checkpoint holds; ``lr_at`` is the learning rate at a (fractional)
     epoch; ``train_step`` takes one global step on this rank's micro-batches (loss, backward,
     optimizer step, EMA) and returns its metrics; ``export_state`` returns what the exported
-    checkpoint holds."""
+    checkpoint holds and ``write_export`` writes it. ``columns`` are the dataset columns a step reads."""
+
+    columns: tuple[str, ...] = ()
 
     @abstractmethod
     def setup(self, ctx: RunContext) -> None:
@@ -126,6 +129,10 @@ class Task(ABC):
     @abstractmethod
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         ...
+
+    def write_export(self, url: str, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Write the consolidated export (rank 0, after training) to ``url``."""
+        write_export(url, weights, meta)
 
 
 class SingleModelTask(Task, ABC):
