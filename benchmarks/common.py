@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -39,13 +38,10 @@ def parse_args(description: str, argv: list[str] | None = None, *, budget: bool 
 
 
 def versions() -> dict[str, str | None]:
-    out = {"python": platform.python_version()}
-    for package in ("torch", "ray", "pyarrow", "timm", "pillow", "numpy"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
+    from pipelines.encode import software_versions
+
+    return {"python": platform.python_version(),
+            **software_versions(("torch", "ray", "pyarrow", "timm", "pillow", "numpy"))}
 
 
 def device_info() -> dict[str, Any]:
@@ -193,14 +189,12 @@ def write_photo_crops(root: Path, count: int, *, classes: int = 4, seed: int = 0
                       min_side: int = 160, max_side: int = 480) -> Path:
     """``count`` JPEG crops of scikit-image's bundled photos (random sizes and positions) in
     ``classes`` class folders: real photographic content, a realistic decode cost."""
-    import skimage.data
     from PIL import Image
 
+    from jobs.demo.photos import load_photo
+
     rng = np.random.default_rng(seed)
-    photos = []
-    for name in PHOTOS:
-        image = np.asarray(getattr(skimage.data, name)())
-        photos.append(np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3])
+    photos = [load_photo(name) for name in PHOTOS]
     for c in range(classes):
         (root / f"class{c}").mkdir(parents=True, exist_ok=True)
     for i in range(count):

@@ -84,9 +84,10 @@ def commit_shard_batch(batch: dict[str, np.ndarray], *, store: str, manifest: di
             "rejected": np.array([len(marker["rejected"])])}
 
 
-def software_versions() -> dict:
+def software_versions(packages: tuple[str, ...] = ("rae", "torch", "ray", "pyarrow", "timm", "pillow")) -> dict:
+    """Installed versions of ``packages`` (None where one is missing): recorded in a store's manifest."""
     versions = {}
-    for package in ("rae", "torch", "ray", "pyarrow", "timm", "pillow"):
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
