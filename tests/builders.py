@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import skimage.data
 from PIL import Image
 
+from jobs.config_overrides import load_config
+from jobs.train.dit import DiTRunConfig
 from pipelines import latent_store
 from pipelines.shards import ShardInfo
+from rae.encoders import ENCODER_PRESETS
 from rae.latent_spec import STATS_FILE, LatentSpec
 
 
@@ -49,12 +51,6 @@ def write_latent_store(url: str, manifest: dict, latents: np.ndarray, labels: Se
     return url
 
 
-def photo(name: str) -> np.ndarray:
-    """One of scikit-image's sample photographs as RGB uint8 (H, W, 3): alpha dropped, grey repeated."""
-    image = getattr(skimage.data, name)()
-    return np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
-
-
 def write_image_folder(root: Path, images: dict[str, dict[str, np.ndarray]]) -> Path:
     """``root/<class>/<file name>`` for every uint8 HWC image, the format chosen by the file name's
     extension (JPEG at quality 95); returns ``root``."""
@@ -64,3 +60,31 @@ def write_image_folder(root: Path, images: dict[str, dict[str, np.ndarray]]) -> 
             options = {"quality": 95} if name.endswith(".jpg") else {}
             Image.fromarray(array).save(root / label / name, **options)
     return root
+
+
+# A store of class-dependent Gaussian latents shaped like the offline DINOv2-S at 56 px (4x4 tokens x 384),
+# and the tiny DiT^DH run that trains on it in seconds: what the DiT and recovery tests share.
+DIT_ENCODER, DIT_INPUT_SIZE = "dinov2-s-offline", 56
+TOKENS, CHANNELS, CLASSES, ROWS = 16, 384, 4, 64
+
+
+def class_latent_store(url: str, *, rows: int = ROWS, seed: int = 0) -> str:
+    """A complete store of class-dependent Gaussian latents, through the pipeline's own writer."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CLASSES, TOKENS, CHANNELS)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, size=rows)
+    latents = centres[labels] + 0.3 * rng.normal(size=(rows, TOKENS, CHANNELS)).astype(np.float32)
+    spec = ENCODER_PRESETS[DIT_ENCODER].with_input_size(DIT_INPUT_SIZE).latent_spec("synthetic", stats=STATS_FILE)
+    manifest = latent_manifest(spec, parts=2, class_names=[f"c{i}" for i in range(CLASSES)])
+    return write_latent_store(url, manifest, latents[:, None].astype(np.float16), labels)
+
+
+def tiny_dit_config(store: str, **sets) -> DiTRunConfig:
+    """The tiny DiT^DH on a class-latent store: 4 epochs of 4 steps, a checkpoint every 8 steps."""
+    items = [f"{k}={v}" for k, v in {
+        "store": store, "model": "ditdh-tiny", "ema_decay": 0.9,
+        "loop.epochs": 4, "loop.global_batch_size": 16, "loop.max_micro_batch": 8,
+        "loop.checkpoint_every_steps": 8, "loop.log_every_steps": 4, "loop.shuffle_buffer": 32,
+        "optim.schedule.base_lr": 3e-3, "optim.schedule.final_lr": 3e-4,
+        "optim.schedule.hold_epochs": 3, "optim.schedule.decay_end_epoch": 4, **sets}.items()]
+    return load_config(DiTRunConfig(), sets=items)

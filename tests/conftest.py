@@ -63,3 +63,11 @@ def ray_cluster(ray_env):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def class_store(tmp_path_factory) -> str:
+    """A class-latent store (tests/builders.py) shared by a module's DiT runs."""
+    from builders import class_latent_store
+
+    return class_latent_store(str(tmp_path_factory.mktemp("store") / "latents"))

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from builders import photo
 
+from jobs.demo.photos import load_photo as photo
 from rae.decoder import build_decoder
 from rae.decoder_loss import (
     DecoderLoss,

@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import photo
 
+from jobs.demo.photos import load_photo as photo
 from rae.decoder import build_decoder
 from rae.encoders import load_encoder, state_dict_digest
 

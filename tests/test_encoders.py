@@ -4,8 +4,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from builders import photo
 
+from jobs.demo.photos import load_photo as photo
 from rae import offline_weights
 from rae.encoders import (
     DEFAULT_ENCODER,

@@ -4,8 +4,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from builders import photo
 
+from jobs.demo.photos import load_photo as photo
 from rae.evaluation import (
     ReferenceStats,
     compute_reference_stats,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from builders import photo, write_image_folder
+from builders import write_image_folder
 from PIL import Image
 
+from jobs.demo.photos import load_photo as photo
 from jobs.cli.app import main as cli_main
 from jobs.config_overrides import load_config
 from pipelines.decoder_crops import census, crop_sizes, random_crops

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from test_train_dit import CHANNELS, TOKENS, make_store, tiny_config
+from builders import CHANNELS, TOKENS, class_latent_store, tiny_dit_config
 
 from jobs.train.export import export_url, load_exported_model
 from jobs.train.dit import train_dit
@@ -30,13 +30,8 @@ def ray_env(s3, wandb_dir) -> dict[str, str]:
     return {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return make_store(str(tmp_path_factory.mktemp("store") / "latents"))
-
-
 def _run(store: str, storage: str, run: str, epochs: int, **sets):
-    config = tiny_config(store, **{"loop.epochs": epochs, "loop.checkpoint_every_steps": STEPS_PER_EPOCH,
+    config = tiny_dit_config(store, **{"loop.epochs": epochs, "loop.checkpoint_every_steps": STEPS_PER_EPOCH,
                                    "loop.keep_checkpoints": 5, **sets})
     result = train_dit(config, run_name=run, storage=storage, num_workers=2, max_failures=0, cpus_per_worker=0.5)
     assert result.error is None, result.error
@@ -50,23 +45,23 @@ def _worker_logs() -> str:
                      if p.is_file() and p.suffix in (".err", ".out", ".log"))
 
 
-def test_corrupted_latest_checkpoint_is_reported_and_the_relaunch_falls_back(tmp_path, store, ray_cluster):
+def test_corrupted_latest_checkpoint_is_reported_and_the_relaunch_falls_back(tmp_path, class_store, ray_cluster):
     storage = str(tmp_path / "runs")
-    first = _run(store, storage, "dit-recover", epochs=2)
+    first = _run(class_store, storage, "dit-recover", epochs=2)
     assert first.metrics["step"] == 2 * STEPS_PER_EPOCH
     latest = Path(storage) / "dit-recover" / "checkpoint_step000000008"
     shard = sorted(latest.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a save cut short
 
-    second = _run(store, storage, "dit-recover", epochs=3)
+    second = _run(class_store, storage, "dit-recover", epochs=3)
     assert second.metrics["resumed_from_step"] == STEPS_PER_EPOCH  # the step-4 checkpoint, not step 8
     assert second.metrics["step"] == 3 * STEPS_PER_EPOCH
     message = f"checkpoint_step000000008: file {shard.name} is"
     assert message in _worker_logs() and "falling back to the previous checkpoint" in _worker_logs()
 
 
-def test_wandb_offline_run_is_written_once_with_the_run_name_as_id(tmp_path, store, wandb_dir, ray_cluster):
-    _run(store, str(tmp_path / "runs"), "dit-wandb", epochs=1, **{"loop.wandb.project": "rae-test"})
+def test_wandb_offline_run_is_written_once_with_the_run_name_as_id(tmp_path, class_store, wandb_dir, ray_cluster):
+    _run(class_store, str(tmp_path / "runs"), "dit-wandb", epochs=1, **{"loop.wandb.project": "rae-test"})
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith("-dit-wandb")  # one run (rank 0 only), id = run name
     assert (runs[0] / "run-dit-wandb.wandb").is_file()
@@ -75,7 +70,7 @@ def test_wandb_offline_run_is_written_once_with_the_run_name_as_id(tmp_path, sto
 def test_dit_run_with_store_and_checkpoints_on_s3(s3, ray_cluster):
     import s3fs
 
-    store = make_store("s3://rae-test/store")
+    store = class_latent_store("s3://rae-test/store")
     storage = "s3://rae-test/runs"
     result = _run(store, storage, "dit-s3", epochs=1)
     assert result.metrics["step"] == STEPS_PER_EPOCH

@@ -31,14 +31,19 @@ class DemoImageSet:
 
 
 def load_photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photographs as RGB uint8 (H, W, 3): the left view of a stereo pair,
+    grey repeated over three channels, alpha dropped. The demo, the tests and the benchmarks all read
+    photos through this."""
     import skimage.data
 
     image = getattr(skimage.data, name)()
     if isinstance(image, tuple):  # stereo pairs: take the left view
         image = image[0]
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"skimage.data.{name} is not an RGB photograph (shape {image.shape})")
-    return image
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"skimage.data.{name} is not a colour or grey photograph (shape {image.shape})")
+    return np.ascontiguousarray(image[..., :3])
 
 
 def random_crops(photo: np.ndarray, count: int, size: int, rng: np.random.Generator,
