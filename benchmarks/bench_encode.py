@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
+    finish,
     PeakMemory,
     Recorder,
     alternate,
@@ -251,11 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         stages = stage_rates(shards, config["input_size"], config["batch_size"], threads=[1, 2])
         rec.add("stages", stages)
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        finish(work, started_ray)
     rec.write()
 
 

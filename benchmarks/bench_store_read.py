@@ -15,7 +15,6 @@ bytes raw (every part file read whole, no decoding). Paths measured, side by sid
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks.common import PeakMemory, Recorder, alternate, make_latent_store, parse_args, start_ray
+from benchmarks.common import finish, PeakMemory, Recorder, alternate, make_latent_store, parse_args, start_ray
 from pipelines import latent_store, storage
 from pipelines.store_reader import latent_dataset, open_store, read_latents
 
@@ -116,11 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         rec.add("peak_host_pss_mib", peaks)
         rec.add("ray_execution_start_s", {"median": float(np.median(startups)), "all": startups})
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        finish(work, started_ray)
     rec.write()
 
 

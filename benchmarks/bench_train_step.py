@@ -11,7 +11,6 @@ includes waiting for the next batch, and excludes startup and the final checkpoi
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
+    finish,
     PeakMemory,
     Recorder,
     alternate,
@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             rec.add("fsdp2_speedup_2_over_1", one / two)
             rec.add("fsdp2_scaling_efficiency", one / (2 * two))
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        finish(work, started_ray)
     rec.write()
 
 

@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import platform
 import statistics
 import threading
@@ -263,3 +264,13 @@ def start_ray(num_cpus: int = 2, object_store_mib: int = 300, address: str | Non
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     return started
+
+
+def finish(work: Path, started_ray: bool) -> None:
+    """Stop the Ray instance this benchmark started (not one it shares), and remove its scratch folder."""
+    if started_ray:
+        import ray
+
+        ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
+
