@@ -5,6 +5,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from rae.devices import DEVICE_CHOICES
 from jobs.config_overrides import Flag, add_config_arguments, config_from_args
 
 _STORAGE_HELP = ("any fsspec URL (file://, s3://, gs://, memory://) or a path; S3 endpoints and credentials come "
@@ -59,7 +60,7 @@ ENCODE_FLAGS = (
     Flag("flip", "also store a horizontally flipped view of each image", const=True),
     Flag("latent_dtype", "stored latent dtype", name="--dtype", choices=("float16", "float32")),
     Flag("batch_size", "images per encoder forward (256 was the fastest for DINOv2-B at bf16 on an H200)"),
-    Flag("device", "auto: one GPU per actor when the cluster has GPUs, else CPU", choices=("auto", "cpu", "gpu")),
+    Flag("device", "auto: one GPU per actor when the cluster has GPUs, else CPU", choices=DEVICE_CHOICES),
     Flag("num_actors", "encoder actors (default: one per GPU, or 1 on CPU)", type=int),
     Flag("gpu_wait_s", "seconds GPU actors may take to start before the job fails"),
     Flag("limits.max_pixels", "reject larger images (decompression bombs)"),

@@ -19,7 +19,7 @@ import torch
 from jobs.cli.output import emit_json
 from jobs.config_overrides import Flag, MissingFields, add_config_arguments, config_from_args
 from jobs.train.export import load_exported_model
-from rae.devices import pick_device
+from rae.devices import DEVICE_CHOICES, pick_device
 
 
 def _inception(spec: str, device: torch.device):
@@ -78,7 +78,7 @@ class RfidConfig(ScoringConfig):
 SCORING_FLAGS = (
     Flag("inception", "ADM Inception TorchScript file, or 'offline' for the offline stand-in", metavar="PATH|offline"),
     Flag("batch_size", "images per forward"),
-    Flag("device", "auto: the GPU when there is one", choices=("auto", "gpu", "cpu")),
+    Flag("device", "auto: the GPU when there is one", choices=DEVICE_CHOICES),
     Flag("json_out", "also write the JSON result to this file"),
 )
 EVAL_FLAGS = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.cli.output import emit_json
+from rae.devices import DEVICE_CHOICES
 from jobs.config_overrides import Flag, add_config_arguments, config_from_args
 from jobs.train.export import load_exported_model
 
@@ -56,7 +57,7 @@ SAMPLE_FLAGS = (
     Flag("png", "also write one PNG per image", const=True),
     Flag("npz", "do not write samples.npz (with --png: PNGs only)", name="--no-npz", const=False),
     Flag("num_actors", "sampler actors (default: one per GPU, or 1 on CPU)", type=int),
-    Flag("device", "auto: one GPU per actor when the cluster has GPUs, else CPU", choices=("auto", "gpu", "cpu")),
+    Flag("device", "auto: one GPU per actor when the cluster has GPUs, else CPU", choices=DEVICE_CHOICES),
     Flag("gpu_wait_s", "fail if no GPU actor starts in this time"),
     Flag("progress", "no progress bar", name="--no-progress", const=False),
 )
