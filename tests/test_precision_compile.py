@@ -177,6 +177,18 @@ def _decoder_task(precision: str, compile: bool = False):
     return task
 
 
+def test_a_bf16_decoder_step_autocasts_the_decoder_and_keeps_fp32_weights():
+    task = _decoder_task("bf16")
+    seen: set[torch.dtype] = set()
+    task.decoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"image": torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)} for _ in range(2)]
+    metrics = task.train_step(batches, 0, 1e-4)
+    assert seen == {torch.bfloat16} and metrics["skipped"] == 0.0
+    assert metrics["loss"] == pytest.approx(metrics["rec"], rel=1e-6)  # before the GAN starts: the loss is L_rec
+    assert all(p.dtype == torch.float32 for p in task.decoder.parameters())
+
+
 def test_the_decoder_compiles_its_blocks_when_the_run_does():
     from rae.decoder import build_decoder
 
