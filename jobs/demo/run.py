@@ -227,7 +227,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="the whole chain on bundled photos, locally, in minutes; ends with a report",
         description="Run shards -> encode -> decoder -> DiT^DH -> samples -> report on a local Ray instance, "
                     "with real photographs that ship with scikit-image and the offline DINOv2-S encoder. "
-                    "Rerun in the same --workdir to reuse finished stages. Its sizes: jobs.demo.DemoConfig.")
+                    "Rerun in the same --workdir to reuse finished stages. Its sizes: jobs.demo.run.DemoConfig.")
     parser.add_argument("--workdir", default="rae-demo", help="where everything goes (default: ./rae-demo)")
     add_config_arguments(parser, DemoConfig, DEMO_FLAGS)
     parser.set_defaults(func=_run)
