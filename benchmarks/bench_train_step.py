@@ -101,7 +101,7 @@ def ray_step_time(setup: Setup, facts: StoreFacts, workers: int, work: Path, nam
     with PeakMemory() as memory:
         launch(_ray_train_fn, payload, run_name=name, storage=str(work / "runs"), num_workers=workers,
                datasets={"train": latent_dataset(setup.store, shuffle_files=False)}, max_failures=0,
-               cpus_per_worker=1.0 if workers == 1 else 0.5, use_gpu=False)
+               cpus_per_worker=1.0 if workers == 1 else 0.5, device="cpu")
     record = json.loads(timing.read_text())
     return {**split_step(record["starts"], record["ends"]), "worker_threads": record["threads"],
             "peak_host_pss_mib": memory.peak_mib}

@@ -1,9 +1,12 @@
 """A pool of Ray Data actors, one GPU each when the job runs on GPUs, that a job's rows stream through.
 
 The encode job (shards -> latents) and the sample job (parts of the item list -> images) share it:
-the GPU-or-CPU decision from the cluster, the pool size, the start deadline of GPU actors (a GPU
-request on a cluster that never gets one fails after ``gpu_wait_s`` with one clear message instead
-of waiting forever), and a progress bar over the rows as their results come back to the driver.
+the GPU-or-CPU decision and the pool's size range, both from what the cluster can grow to (its
+autoscaler's node types, :mod:`pipelines.cluster_capacity`) rather than the GPUs up at submission,
+so a cluster whose GPU workers start at 0 still runs the job on GPUs and the pool grows as GPU nodes
+join; the start deadline of GPU actors (a GPU request that no node ever serves fails after
+``gpu_wait_s`` with the autoscaler's reason instead of waiting forever); and a progress bar over the
+rows as their results come back to the driver.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
+from pipelines.cluster_capacity import ClusterCapacity, autoscaler_launch_failures, cluster_capacity, parse_count_range
 from pipelines.streaming import streamed_batches
 
 log = logging.getLogger(__name__)
@@ -25,27 +29,49 @@ Batch = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class ActorPool:
-    """Where a job's actors run and how many of them, decided once from the cluster."""
+    """Where a job's actors run and how many of them, decided once from the cluster's capacity."""
 
     use_gpu: bool
-    size: int
-    cluster_gpus: int  # GPUs in the cluster when the decision was made
+    min_size: int
+    max_size: int
+    capacity: ClusterCapacity
 
     def map(self, dataset: ray.data.Dataset, actor_cls: type, constructor_kwargs: dict[str, Any]) -> ray.data.Dataset:
-        """``dataset`` mapped one row at a time through up to ``size`` actors of ``actor_cls``."""
+        """``dataset`` mapped one row at a time through ``min_size..max_size`` actors of ``actor_cls``."""
         return dataset.map_batches(
-            actor_cls, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.size),
+            actor_cls, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size),
             fn_constructor_kwargs=constructor_kwargs, **({"num_gpus": 1} if self.use_gpu else {"num_cpus": 1}))
 
+    def describe(self, actors: str) -> str:
+        """``encoder pool: 1..8 actors, 1 GPU each; GPU nodes: 0 up (0 GPUs), up to 8 of type gpu ...``."""
+        size = f"{self.min_size}" if self.min_size == self.max_size else f"{self.min_size}..{self.max_size}"
+        where = "1 GPU each" if self.use_gpu else "on CPU"
+        return f"{actors} pool: {size} actors, {where}; {self.capacity.describe_gpus()}"
 
-def plan_actor_pool(device: str, num_actors: int | None) -> ActorPool:
-    """GPU actors for ``gpu``, or for ``auto`` when the cluster has GPUs; ``num_actors`` of them, else
-    one per GPU (one on CPU). Starts a local Ray when none is running."""
+
+def plan_actor_pool(device: str, num_actors: str | int | tuple[int, int] | None, *,
+                    capacity: ClusterCapacity | None = None) -> ActorPool:
+    """GPU actors for ``gpu``, or for ``auto`` when the cluster has or can add GPUs; ``num_actors``
+    of them (N, or MIN,MAX), else 1..one per GPU the cluster can have (one on CPU). Starts a local
+    Ray when none is running. ``--device gpu`` on a cluster whose autoscaler has no GPU node type
+    fails at once, naming its node types."""
     if not ray.is_initialized():
         ray.init()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = device == "gpu" or (device == "auto" and gpus > 0)
-    return ActorPool(use_gpu=use_gpu, size=num_actors or (max(1, gpus) if use_gpu else 1), cluster_gpus=gpus)
+    capacity = capacity or cluster_capacity()
+    if device == "gpu" and capacity.max_gpus == 0 and capacity.node_types:
+        raise ValueError(f"--device gpu, but this cluster cannot have a GPU: its node types are "
+                         f"{capacity.describe_node_types()}. Add a GPU node type to the cluster config, "
+                         f"or pass --device cpu.")
+    use_gpu = device == "gpu" or (device == "auto" and capacity.max_gpus > 0)
+    if num_actors is not None:
+        count = parse_count_range(num_actors, "--num-actors")
+        low, high = count if isinstance(count, tuple) else (count, count)
+    elif use_gpu:
+        low, high = 1, max(1, capacity.max_gpus)
+    else:
+        low, high = 1, 1
+    return ActorPool(use_gpu=use_gpu, min_size=low, max_size=high, capacity=capacity)
 
 
 def run_through_pool(rows: list[dict[str, Any]], pool: ActorPool,
@@ -56,9 +82,10 @@ def run_through_pool(rows: list[dict[str, Any]], pool: ActorPool,
     each one-row result to ``on_result`` on the driver, in completion order. What ``on_result``
     returns is shown beside the progress bar. ``actors`` and ``verb`` name the job in messages
     ("encoder", "encode")."""
-    if pool.use_gpu and pool.cluster_gpus == 0:
-        log.warning("%s actors ask for a GPU but the cluster has none now; waiting up to %ss for one "
-                    "(an autoscaler may add GPU nodes)", actors, gpu_wait_s)
+    log.info("%s", pool.describe(actors))
+    if pool.use_gpu and pool.capacity.gpus_now == 0:
+        log.info("no GPU is up yet: waiting up to %gs for the first GPU actor while the autoscaler adds GPU nodes",
+                 gpu_wait_s)
     # A Dataset keeps the DataContext current at its creation: set the actor start deadline first.
     context = ray.data.DataContext.get_current()
     previous_wait = context.wait_for_min_actors_s
@@ -76,13 +103,20 @@ def run_through_pool(rows: list[dict[str, Any]], pool: ActorPool,
     except ray.exceptions.GetTimeoutError as err:
         if not pool.use_gpu:
             raise
-        raise RuntimeError(
-            f"{actors} actors need 1 GPU each but none started within {gpu_wait_s:g}s; the cluster has "
-            f"{ray.cluster_resources().get('GPU', 0):g} GPU(s) ({_resources_text()}). Add GPU workers, or "
-            f"pass --device cpu to {verb} on CPU.") from err
+        raise RuntimeError(gpu_timeout_message(actors, verb, gpu_wait_s, pool.capacity)) from err
     finally:
         context.wait_for_min_actors_s = previous_wait
         bar.close()
+
+
+def gpu_timeout_message(actors: str, verb: str, gpu_wait_s: float, capacity: ClusterCapacity) -> str:
+    """Why GPU actors never started: the autoscaler's launch failures when it reports any."""
+    reasons = autoscaler_launch_failures(tuple(t.name for t in capacity.gpu_node_types) or None)
+    why = f" The autoscaler reports: {'; '.join(reasons)}." if reasons else ""
+    return (f"{actors} actors need 1 GPU each but none started within {gpu_wait_s:g}s (--gpu-wait-s); the "
+            f"cluster has {ray.cluster_resources().get('GPU', 0):g} GPU(s) up ({_resources_text()}); node types: "
+            f"{capacity.describe_node_types()}.{why} Add GPU workers, raise --gpu-wait-s, or pass --device cpu "
+            f"to {verb} on CPU.")
 
 
 def _resources_text() -> str:

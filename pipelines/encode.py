@@ -25,6 +25,7 @@ import ray
 
 from pipelines import latent_store, storage
 from pipelines.actor_pool import plan_actor_pool, run_through_pool
+from pipelines.cluster_capacity import parse_count_range
 from pipelines.encoder_actor import LatentEncoder
 from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
@@ -46,8 +47,8 @@ class EncodeConfig:
     flip: bool = False                    # also store a horizontally flipped view (view=1)
     latent_dtype: str = "float16"
     batch_size: int = 256                 # images per encoder forward (256: the fastest DINOv2-B batch on an H200)
-    device: str = "auto"                  # auto: one GPU per actor when the cluster has GPUs, else CPU
-    num_actors: int | None = None         # encoder pool size; None: number of GPUs (or 1 on CPU)
+    device: str = "auto"                  # auto: one GPU per actor when the cluster has or can add GPUs, else CPU
+    num_actors: int | tuple[int, int] | None = None  # pool size N or (MIN, MAX); None: 1..GPUs the cluster can have (1 on CPU)
     gpu_wait_s: float = 600.0             # how long GPU actors may take to start before the job fails
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     storage_options: StorageOptions | None = None
@@ -55,6 +56,8 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         check_device_choice(self.device)
+        if self.num_actors is not None:
+            object.__setattr__(self, "num_actors", parse_count_range(self.num_actors, "num_actors"))
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.latent_dtype not in latent_store.LATENT_DTYPES:
@@ -70,6 +73,7 @@ class EncodeResult:
     rows: int
     rejected: int
     manifest: dict
+    workers: dict[str, int] = field(default_factory=dict)  # "node type gpu, device cuda" -> shards this run encoded there
 
 
 def commit_shard_batch(batch: dict[str, np.ndarray], *, store: str, manifest: dict,
@@ -79,9 +83,9 @@ def commit_shard_batch(batch: dict[str, np.ndarray], *, store: str, manifest: di
     meta = json.loads(batch["meta"][0])
     marker = latent_store.write_shard(store, manifest, index, keys=meta["keys"], labels=meta["labels"],
                                       latents=batch["latents"][0], rejected=meta["rejected"],
-                                      storage_options=storage_options)
+                                      storage_options=storage_options, encoded_on=meta.get("encoded_on"))
     return {"shard_index": np.array([index]), "rows": np.array([marker["rows"]]),
-            "rejected": np.array([len(marker["rejected"])])}
+            "rejected": np.array([len(marker["rejected"])]), "encoded_on": np.array([json.dumps(marker["encoded_on"])])}
 
 
 def software_versions(packages: tuple[str, ...] = ("rae", "torch", "ray", "pyarrow", "timm", "pillow")) -> dict:
@@ -127,21 +131,22 @@ def encode_to_store(config: EncodeConfig, *, encoder_cls: type = LatentEncoder) 
 
     done = latent_store.done_markers(config.store, wanted, opts)
     pending = [i for i in range(len(shards)) if i not in done]
-    if pending:
-        _run_pipeline(config, encoder, wanted, shards, pending, class_names, encoder_cls)
+    workers = _run_pipeline(config, encoder, wanted, shards, pending, class_names, encoder_cls) if pending else {}
     manifest = latent_store.finalize(config.store, wanted, opts)
-    return EncodeResult(config.store, len(shards), len(pending), manifest["rows"], manifest["rejected"], manifest)
+    return EncodeResult(config.store, len(shards), len(pending), manifest["rows"], manifest["rejected"], manifest,
+                        workers)
 
 
 def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest: dict, shards: list[ShardInfo],
-                  pending: list[int], class_names: list[str] | None, encoder_cls: type) -> None:
+                  pending: list[int], class_names: list[str] | None, encoder_cls: type) -> dict[str, int]:
+    """Encode the ``pending`` shards; returns how many each kind of worker (node type, device) encoded."""
     opts = config.storage_options
     shards_local = storage.is_process_local(storage.resolve(config.shards, opts)[0])
     store_local = storage.is_process_local(storage.resolve(config.store, opts)[0])
     pool = plan_actor_pool(config.device, config.num_actors)
     # Ray starts a num_cpus=1 actor with OMP_NUM_THREADS=1; on CPU the encoder is the job's whole
     # cost (decoding is ~2% of it), so each CPU actor uses its share of the cluster's cores.
-    cpu_threads = None if pool.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // pool.size)
+    cpu_threads = None if pool.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // pool.max_size)
 
     rows = []
     for index in pending:
@@ -169,9 +174,22 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
             ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=0.25, fn_kwargs=commit_kwargs)
         return ds
 
+    workers: dict[str, int] = {}
+
     def committed(batch: dict[str, np.ndarray]) -> dict[str, int]:
         summary = commit_shard_batch(batch, **commit_kwargs) if store_local else batch
+        worker = describe_worker(json.loads(str(summary["encoded_on"][0])))
+        workers[worker] = workers.get(worker, 0) + 1
         return {"rows": int(summary["rows"][0]), "rejected": int(summary["rejected"][0])}
 
     run_through_pool(rows, pool, stages, committed, actors="encoder", verb="encode", unit="shard",
                      gpu_wait_s=config.gpu_wait_s, progress=config.progress)
+    if pool.use_gpu and any(w.endswith("device cpu") for w in workers):
+        log.warning("encoder actors held a Ray GPU but found no usable CUDA and ran on CPU (%s)", workers)
+    return workers
+
+
+def describe_worker(encoded_on: dict | None) -> str:
+    """``node type gpu, device cuda`` for the summary of where shards were encoded."""
+    encoded_on = encoded_on or {}
+    return f"node type {encoded_on.get('node_type') or 'unknown'}, device {encoded_on.get('device') or 'unknown'}"

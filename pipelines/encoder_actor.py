@@ -5,6 +5,7 @@ so it runs wherever torch and timm do.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -39,6 +40,7 @@ class LatentEncoder:
         self.torch_dtype = torch.from_numpy(np.zeros(0, self.dtype)).dtype
         self._slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # pinned (crops, latents) x 2, on first GPU use
         self._slots_key: tuple | None = None
+        self.encoded_on = where_this_runs(self.device)
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -99,4 +101,23 @@ class LatentEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         latents = self.encode(batch["images"][0])
-        return {"shard_index": batch["shard_index"], "meta": batch["meta"], "latents": latents[None]}
+        meta = json.dumps({**json.loads(batch["meta"][0]), "encoded_on": self.encoded_on})
+        return {"shard_index": batch["shard_index"], "meta": np.array([meta]), "latents": latents[None]}
+
+
+def where_this_runs(device: torch.device) -> dict[str, str | None]:
+    """The node (id, autoscaler node type) and torch device a shard is encoded on, recorded with it:
+    on an autoscaled cluster it shows which node type did the work, and a logical GPU without CUDA
+    (device ``cpu`` on a GPU node type) shows as such. Outside Ray the node fields are None."""
+    node_id = node_type = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            node_id = context.get_node_id()
+            labels = context.get_node_labels() if hasattr(context, "get_node_labels") else {}
+            node_type = labels.get("ray.io/node-group") or labels.get("ray.io/node-type")
+    except Exception:  # where it ran is a record, never a reason to fail the encode
+        pass
+    return {"node_id": node_id, "node_type": os.environ.get("RAY_NODE_TYPE_NAME") or node_type, "device": device.type}

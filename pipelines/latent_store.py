@@ -177,11 +177,13 @@ def table_latents(table: pa.Table | pa.RecordBatch, shape: tuple[int, int] | lis
 
 
 def write_shard(store_url: str, manifest: dict, index: int, *, keys: list[str], labels: list[int],
-                latents: np.ndarray, rejected: list[dict], storage_options: StorageOptions | None = None) -> dict:
+                latents: np.ndarray, rejected: list[dict], storage_options: StorageOptions | None = None,
+                encoded_on: dict | None = None) -> dict:
     """Commit one shard: its Parquet part, its partial moments, then its marker. Returns the marker.
 
     ``latents`` is (n, V, N, C) for n images and V views. Images whose latent holds NaN or inf
-    (an encoder overflow) are not written; they are added to ``rejected``.
+    (an encoder overflow) are not written; they are added to ``rejected``. ``encoded_on`` (node,
+    node type, device) is recorded in the marker and the finished manifest's part entry.
     """
     fs, root = storage.resolve(store_url, storage_options)
     shard = manifest["shards"][index]
@@ -193,7 +195,7 @@ def write_shard(store_url: str, manifest: dict, index: int, *, keys: list[str], 
     views = latents.shape[1] if latents.ndim == 4 else 1
     kept = latents[keep].reshape(-1, *latents.shape[-2:])
     marker = {"shard": shard["url"], "id": sid, "images": int(len(keep)), "rows": int(len(kept)),
-              "rejected": rejected, "part": None, "moments": None}
+              "rejected": rejected, "part": None, "moments": None, "encoded_on": encoded_on}
     if len(kept):
         table = latents_to_table([keys[i] for i in keep for _ in range(views)],
                                  [labels[i] for i in keep for _ in range(views)],
@@ -257,7 +259,8 @@ def finalize(store_url: str, manifest: dict, storage_options: StorageOptions | N
         rejected += marker["rejected"]
         if marker["part"] is None:
             continue
-        parts.append({"path": marker["part"], "rows": marker["rows"], "shard": marker["shard"]})
+        parts.append({"path": marker["part"], "rows": marker["rows"], "shard": marker["shard"],
+                      "encoded_on": marker.get("encoded_on")})
         moments = _load_moments(fs, storage.join(root, marker["moments"]))
         if total is None:
             total = moments

@@ -34,6 +34,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.actor_pool import plan_actor_pool, run_through_pool
+from pipelines.cluster_capacity import parse_count_range
 from pipelines.exports import ExportFacts, load_latent_stats, read_export_facts
 from pipelines.sample_models import Guidance, ImageSampler, Loader, item_seed
 from rae.devices import check_device_choice, pick_device
@@ -71,7 +72,7 @@ class SampleConfig:
     precision: str = "fp32"                 # bf16 costs FID (1.13 -> 1.26 reported)
     png: bool = False
     npz: bool = True
-    num_actors: int | None = None           # None: one per GPU, or 1 on CPU
+    num_actors: int | tuple[int, int] | None = None  # N or (MIN, MAX); None: 1..GPUs the cluster can have (1 on CPU)
     device: str = "auto"                    # auto | gpu | cpu
     gpu_wait_s: float = 120.0
     progress: bool = True
@@ -93,6 +94,8 @@ class SampleConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         check_device_choice(self.device)
+        if self.num_actors is not None:
+            object.__setattr__(self, "num_actors", parse_count_range(self.num_actors, "num_actors"))
         if not (self.png or self.npz):
             raise ValueError("nothing to write: keep samples.npz (drop --no-npz) or add --png")
 

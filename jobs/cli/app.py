@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 
@@ -56,12 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OurLines(logging.Formatter):
+    """Info lines as they are; warnings and errors prefixed with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def show_our_log_lines() -> None:
+    """The project's own log lines (decisions such as "encoder pool: 1..8 actors, 1 GPU each") on
+    stderr at INFO; other libraries' loggers keep their own settings."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OurLines("%(message)s"))
+    for name in ("jobs", "pipelines", "rae"):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "_rae", False) for h in logger.handlers):
+            handler._rae = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     from rae.encoders import WeightsUnavailableError
 
     user_errors = USER_ERRORS + (WeightsUnavailableError,)
     parser = build_parser()
     args = parser.parse_args(argv)
+    show_our_log_lines()
     try:
         return int(args.func(args) or 0)
     except user_errors as error:

@@ -5,6 +5,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from pipelines.cluster_capacity import parse_actor_count
 from rae.devices import DEVICE_CHOICES
 from jobs.config_overrides import Flag, add_config_arguments, config_from_args
 
@@ -60,9 +61,12 @@ ENCODE_FLAGS = (
     Flag("flip", "also store a horizontally flipped view of each image", const=True),
     Flag("latent_dtype", "stored latent dtype", name="--dtype", choices=("float16", "float32")),
     Flag("batch_size", "images per encoder forward (256 was the fastest for DINOv2-B at bf16 on an H200)"),
-    Flag("device", "auto: one GPU per actor when the cluster has GPUs, else CPU", choices=DEVICE_CHOICES),
-    Flag("num_actors", "encoder actors (default: one per GPU, or 1 on CPU)", type=int),
-    Flag("gpu_wait_s", "seconds GPU actors may take to start before the job fails"),
+    Flag("device", "auto: one GPU per actor when the cluster has GPUs or its autoscaler can add GPU nodes "
+                   "(decided from the autoscaler's node types, not the GPUs up now), else CPU", choices=DEVICE_CHOICES),
+    Flag("num_actors", "encoder actors: N, or MIN,MAX for a pool that grows as GPU nodes join (default: 1 up to "
+                       "one per GPU the cluster can have; 1 on CPU)", type=parse_actor_count, metavar="N|MIN,MAX"),
+    Flag("gpu_wait_s", "seconds the first GPU actor may take to start (the autoscaler adding a GPU node) before "
+                       "the job fails with the autoscaler's reason"),
     Flag("limits.max_pixels", "reject larger images (decompression bombs)"),
     Flag("limits.min_side", "reject smaller images"),
     PROGRESS_FLAG,
@@ -95,7 +99,7 @@ def _register_encode(subparsers: argparse._SubParsersAction) -> None:
     encode = subparsers.add_parser(
         "encode", help="encode shards into a latent store (Ray Data; resumable)",
         description="Read shards, ADM-centre-crop on CPU, encode in an actor pool (one GPU per actor when the "
-                    "cluster has GPUs), write Parquet + manifest + normalization stats. Rerunning finishes an "
+                    "cluster has GPUs or its autoscaler can add GPU nodes: the pool grows as they join), write Parquet + manifest + normalization stats. Rerunning finishes an "
                     "interrupted store; a store made with another encoder or preprocessing is refused. "
                     "Config: pipelines.encode.EncodeConfig.")
     add_config_arguments(encode, EncodeConfig, ENCODE_FLAGS)
@@ -150,6 +154,8 @@ def _run_encode(args: argparse.Namespace) -> int:
     verb = "encoded" if result.encoded_shards else "already complete, nothing to do:"
     print(f"{verb} {result.encoded_shards}/{result.shards} shards; store {result.store} holds {result.rows} rows, "
           f"{result.rejected} rejected inputs (see rejected.jsonl)")
+    if result.workers:
+        print("encoded on: " + "; ".join(f"{count} shard(s) on {worker}" for worker, count in sorted(result.workers.items())))
     return 0
 
 

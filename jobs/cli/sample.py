@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.cli.output import emit_json
+from pipelines.cluster_capacity import parse_actor_count
 from rae.devices import DEVICE_CHOICES
 from jobs.config_overrides import Flag, add_config_arguments, config_from_args
 from jobs.train.export import load_exported_model
@@ -56,8 +57,10 @@ SAMPLE_FLAGS = (
     Flag("precision", "fp32, or bf16 (costs FID)", choices=("fp32", "bf16")),
     Flag("png", "also write one PNG per image", const=True),
     Flag("npz", "do not write samples.npz (with --png: PNGs only)", name="--no-npz", const=False),
-    Flag("num_actors", "sampler actors (default: one per GPU, or 1 on CPU)", type=int),
-    Flag("device", "auto: one GPU per actor when the cluster has GPUs, else CPU", choices=DEVICE_CHOICES),
+    Flag("num_actors", "sampler actors: N or MIN,MAX (default: 1 up to one per GPU the cluster can have; 1 on CPU)",
+         type=parse_actor_count, metavar="N|MIN,MAX"),
+    Flag("device", "auto: one GPU per actor when the cluster has GPUs or its autoscaler can add GPU nodes, else CPU",
+         choices=DEVICE_CHOICES),
     Flag("gpu_wait_s", "fail if no GPU actor starts in this time"),
     Flag("progress", "no progress bar", name="--no-progress", const=False),
 )

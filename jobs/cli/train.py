@@ -9,6 +9,7 @@ from typing import Any
 
 from jobs.config_overrides import Flag, add_config_arguments, command_line_fields, config_from_args
 from jobs.train.launch import parse_num_workers
+from rae.devices import DEVICE_CHOICES
 
 EPOCHS_FLAG = Flag("loop.epochs", "total epochs; the LR schedule's end (optim.schedule.decay_end_epoch) moves "
                                   "with it unless that is set too")
@@ -32,8 +33,19 @@ def _launch_flags(parser: argparse.ArgumentParser) -> None:
                         "rerun the same name to resume")
     parser.add_argument("--storage", required=True, help="where runs live: a path or fsspec URL "
                         "(file://, s3://, gs://)")
-    parser.add_argument("--num-workers", default="1", type=parse_num_workers,
-                        help="N workers, or MIN,MAX for an elastic run (the global batch stays fixed)")
+    parser.add_argument("--num-workers", default="auto", type=parse_num_workers, metavar="auto|N|MIN,MAX",
+                        help="N workers, or MIN,MAX for an elastic run that grows as nodes join and shrinks when "
+                             "one is lost (the global batch stays fixed). auto (default): 1..one per GPU the "
+                             "cluster can have, read from its autoscaler's node types rather than the GPUs up "
+                             "now; 1 on CPU")
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="auto (default): GPU workers when the cluster has GPUs or its autoscaler can add "
+                             "GPU nodes, else CPU workers; gpu: fail at once on a cluster that cannot have one")
+    parser.add_argument("--gpu-wait-s", type=float, default=600.0,
+                        help="seconds to wait for the autoscaler to bring up the first GPU workers before "
+                             "failing with its reason (default 600)")
+    parser.add_argument("--resize-check-s", type=float, default=60.0,
+                        help="elastic runs: seconds between checks for joined or lost nodes (default 60)")
     parser.add_argument("--max-failures", type=int, default=3,
                         help="worker failures to recover from (each resumes from the last checkpoint)")
 
@@ -49,19 +61,23 @@ def run_config_from_args(args: argparse.Namespace) -> Any:
     return config
 
 
+def launch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of :func:`_launch_flags` as keyword arguments of :func:`jobs.train.launch.launch`."""
+    return {"num_workers": args.num_workers, "device": args.device, "gpu_wait_s": args.gpu_wait_s,
+            "resize_check_s": args.resize_check_s, "max_failures": args.max_failures}
+
+
 def _run_dit(args: argparse.Namespace) -> int:
     from jobs.train.dit import train_dit
 
-    result = train_dit(run_config_from_args(args), run_name=args.run, storage=args.storage,
-                       num_workers=args.num_workers, max_failures=args.max_failures)
+    result = train_dit(run_config_from_args(args), run_name=args.run, storage=args.storage, **launch_options(args))
     return 0 if result.error is None else 1
 
 
 def _run_decoder(args: argparse.Namespace) -> int:
     from jobs.train.decoder import train_decoder
 
-    result = train_decoder(run_config_from_args(args), run_name=args.run, storage=args.storage,
-                           num_workers=args.num_workers, max_failures=args.max_failures)
+    result = train_decoder(run_config_from_args(args), run_name=args.run, storage=args.storage, **launch_options(args))
     return 0 if result.error is None else 1
 
 

@@ -262,10 +262,10 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
                         rows=0, resize=resize, crop=crop)
 
 
-def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, num_workers: int | tuple[int, int],
-                  max_failures: int = 3, cpus_per_worker: float | None = None):
+def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, **launch_options: Any):
     """Resolve the encoder and losses, count the usable images, then train (or resume ``run_name``);
-    returns Ray's Result. The EMA decoder is exported to ``<storage>/<run_name>/export``."""
+    returns Ray's Result. The EMA decoder is exported to ``<storage>/<run_name>/export``. ``launch_options``
+    (num_workers, device, max_failures, gpu_wait_s, ...) go to :func:`jobs.train.launch.launch`."""
     if not config.shards:
         raise ValueError("no image shards given: pass --shards URL (or shards: in the config)")
     facts = resolve_facts(config)
@@ -276,5 +276,4 @@ def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, num_
           f"{facts.latent_spec.describe()}; perceptual loss {facts.perceptual}", flush=True)
     dataset = crop_dataset(counted, resize=facts.resize, crop=facts.crop)
     return train_task(DecoderTask(config, facts), config.loop, rows=facts.rows, run_config=dataclasses.asdict(config),
-                      run_name=run_name, storage=storage, dataset=dataset, num_workers=num_workers,
-                      max_failures=max_failures, cpus_per_worker=cpus_per_worker)
+                      run_name=run_name, storage=storage, dataset=dataset, **launch_options)

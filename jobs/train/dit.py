@@ -112,10 +112,10 @@ class DiTTask(SingleModelTask):
         write_self_contained_export(url, weights, meta, self.facts)
 
 
-def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, num_workers: int | tuple[int, int],
-              max_failures: int = 3, cpus_per_worker: float | None = None):
+def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, **launch_options: Any):
     """Read the store's facts and check the model fits them, then train (or resume ``run_name``);
-    returns Ray's Result. The EMA export lands in ``<storage>/<run_name>/export``."""
+    returns Ray's Result. The EMA export lands in ``<storage>/<run_name>/export``. ``launch_options``
+    (num_workers, device, max_failures, gpu_wait_s, ...) go to :func:`jobs.train.launch.launch`."""
     from pipelines.store_reader import latent_dataset, open_store
 
     if not config.store:
@@ -127,5 +127,4 @@ def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, num_workers:
         task.build_model()
     dataset = latent_dataset(config.store, views=config.views or None, shuffle_files=False)
     return train_task(task, config.loop, rows=facts.rows, run_config=dataclasses.asdict(config), run_name=run_name,
-                      storage=storage, dataset=dataset, num_workers=num_workers, max_failures=max_failures,
-                      cpus_per_worker=cpus_per_worker)
+                      storage=storage, dataset=dataset, **launch_options)

@@ -7,25 +7,94 @@ the wandb run id.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from pipelines.cluster_capacity import ClusterCapacity, autoscaler_launch_failures, cluster_capacity, parse_count_range
+from rae.devices import check_device_choice
 
-def parse_num_workers(text: str | int | tuple[int, int]) -> int | tuple[int, int]:
-    """``"4"`` -> 4 workers; ``"2,8"`` -> elastic between 2 and 8 (Ray 2.60 ``ScalingConfig``)."""
-    if isinstance(text, (int, tuple)):
-        return text
-    parts = [p.strip() for p in str(text).split(",")]
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+def parse_num_workers(text: str | int | tuple[int, int]) -> int | tuple[int, int] | str:
+    """``"4"`` -> 4 workers; ``"2,8"`` -> elastic between 2 and 8 (Ray 2.60 ``ScalingConfig``);
+    ``"auto"`` -> decided from the cluster's capacity at launch (:func:`plan_workers`)."""
+    if isinstance(text, str) and text.strip() == AUTO:
+        return AUTO
+    return parse_count_range(text, "--num-workers")
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How a run's workers are asked for: GPU or CPU, a fixed count or an elastic range."""
+
+    use_gpu: bool
+    num_workers: int | tuple[int, int]
+    capacity: ClusterCapacity | None  # None when the decision needed no look at the cluster
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def describe(self) -> str:
+        """``training workers: 1..8 (elastic), 1 GPU each; GPU nodes: 0 up (0 GPUs), up to 8 of type gpu ...``."""
+        count = self.num_workers
+        size = f"{count[0]}..{count[1]} (elastic: grows as GPU nodes join, shrinks when one is lost)" \
+            if isinstance(count, tuple) else str(count)
+        where = "1 GPU each" if self.use_gpu else "on CPU"
+        cluster = f"; {self.capacity.describe_gpus()}" if self.capacity is not None else ""
+        return f"training workers: {size}, {where}{cluster}"
+
+
+def plan_workers(num_workers: int | tuple[int, int] | str, device: str, capacity: ClusterCapacity) -> WorkerPlan:
+    """GPU workers for ``gpu``, or for ``auto`` when the cluster has or can add GPUs (its autoscaler's
+    node types, not the GPUs up now). ``auto`` workers: 1..one per GPU the cluster can have (a fixed
+    1 when that is 1), or 1 on CPU. ``--device gpu`` where the autoscaler has no GPU node type fails."""
+    check_device_choice(device)
+    if device == "gpu" and capacity.max_gpus == 0 and capacity.node_types:
+        raise ValueError(f"--device gpu, but this cluster cannot have a GPU: its node types are "
+                         f"{capacity.describe_node_types()}. Add a GPU node type, or pass --device cpu.")
+    use_gpu = device == "gpu" or (device == "auto" and capacity.max_gpus > 0)
+    if num_workers == AUTO:
+        most = max(1, capacity.max_gpus) if use_gpu else 1
+        num_workers = (1, most) if most > 1 else 1
+    return WorkerPlan(use_gpu=use_gpu, num_workers=parse_count_range(num_workers, "--num-workers"), capacity=capacity)
+
+
+def wait_for_gpus(count: int, wait_s: float, capacity: ClusterCapacity) -> None:
+    """Ask the autoscaler for ``count`` GPUs and wait until they are up; after ``wait_s`` fail with
+    the autoscaler's own reason when it reports one. The request is withdrawn either way (the
+    run's placement group holds the GPUs from then on)."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    def gpus_up() -> float:
+        return ray.cluster_resources().get("GPU", 0)
+
+    if gpus_up() >= count:
+        return
+    log.info("waiting up to %gs for %d GPU(s) while the autoscaler adds GPU nodes (%d up)", wait_s, count, gpus_up())
+    start = time.monotonic()
+    request_resources(bundles=[{"GPU": 1}] * count)
     try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--num-workers {text!r}: expected N or MIN,MAX (integers)") from None
-    if len(values) == 1 and values[0] >= 1:
-        return values[0]
-    if len(values) == 2 and 1 <= values[0] <= values[1]:
-        return (values[0], values[1])
-    raise ValueError(f"--num-workers {text!r}: expected N >= 1 or MIN,MAX with 1 <= MIN <= MAX")
+        while gpus_up() < count:
+            if time.monotonic() - start > wait_s:
+                reasons = autoscaler_launch_failures(tuple(t.name for t in capacity.gpu_node_types) or None)
+                why = f" The autoscaler reports: {'; '.join(reasons)}." if reasons else ""
+                raise RuntimeError(
+                    f"training needs {count} GPU(s) but {gpus_up():g} came up within {wait_s:g}s (--gpu-wait-s); "
+                    f"node types: {capacity.describe_node_types()}.{why} Add GPU workers, raise --gpu-wait-s, "
+                    f"or pass --device cpu.")
+            time.sleep(1.0)
+        log.info("%d GPU(s) up after %.0fs", gpus_up(), time.monotonic() - start)
+    finally:
+        request_resources(bundles=[])
 
 
 def storage_location(url: str) -> tuple[str, Any]:
@@ -54,35 +123,42 @@ def absolute_storage(url: str) -> str:
 
 
 def launch(train_fn: Callable[[dict], None], config: dict[str, Any], *, run_name: str, storage: str,
-           num_workers: int | tuple[int, int], datasets: dict[str, Any] | None = None,
-           keep_checkpoints: int = 3, max_failures: int = 3, use_gpu: bool | None = None,
-           cpus_per_worker: float | None = None):
-    """Run ``train_fn(config)`` on ``num_workers`` Ray Train workers; return the ``Result``.
+           num_workers: int | tuple[int, int] | str = AUTO, datasets: dict[str, Any] | None = None,
+           keep_checkpoints: int = 3, max_failures: int = 3, device: str = "auto",
+           cpus_per_worker: float | None = None, gpu_wait_s: float = 600.0, resize_check_s: float = 60.0):
+    """Run ``train_fn(config)`` on Ray Train workers (:func:`plan_workers`); return the ``Result``.
 
     Datasets are split equally across workers with Ray Data's order preserved, so the same seed
-    gives the same batches on every rank (what makes a resumed run match an uninterrupted one).
+    gives the same batches on every rank (what makes a resumed run match an uninterrupted one). An
+    elastic run checks every ``resize_check_s`` whether it can grow (a resize restarts the workers
+    from the last checkpoint, which DCP re-shards to the new count).
     """
     import ray
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from jobs.train.process_group import WorkerChosenTorchConfig
 
     if not run_name or "/" in run_name:
         raise ValueError(f"run name {run_name!r}: expected a non-empty name without '/'")
     if not ray.is_initialized():
         ray.init()
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    plan = plan_workers(num_workers, device, cluster_capacity())
+    log.info("%s", plan.describe())
+    if plan.use_gpu:
+        wait_for_gpus(plan.min_workers, gpu_wait_s, plan.capacity)
     resources = {"CPU": cpus_per_worker} if cpus_per_worker is not None else None
-    if use_gpu:
-        resources = dict(resources or {}, GPU=1)
+    if plan.use_gpu:
+        resources = dict(resources or {"CPU": 1}, GPU=1)
     storage_path, filesystem = storage_location(storage)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=parse_num_workers(num_workers),
-                                               use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=WorkerChosenTorchConfig(),
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=resize_check_s),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
@@ -94,8 +170,7 @@ def launch(train_fn: Callable[[dict], None], config: dict[str, Any], *, run_name
 
 
 def train_task(task: Any, loop: Any, *, rows: int, run_config: dict[str, Any], run_name: str, storage: str,
-               dataset: Any, num_workers: int | tuple[int, int], max_failures: int = 3,
-               cpus_per_worker: float | None = None):
+               dataset: Any, **launch_options: Any):
     """Train ``task`` (a :class:`jobs.train.loop.Task`, built on the driver and set up on each worker)
     with ``loop`` on ``dataset``; at the end rank 0 writes the export to ``<storage>/<run_name>/export``.
     Both ``rae train decoder`` and ``rae train dit`` come through here; returns Ray's ``Result``."""
@@ -103,9 +178,8 @@ def train_task(task: Any, loop: Any, *, rows: int, run_config: dict[str, Any], r
 
     payload = {"task": task, "loop": loop, "rows": rows, "run_config": run_config, "run_name": run_name,
                "export_url": export_url(absolute_storage(storage), run_name)}
-    return launch(_fit_task, payload, run_name=run_name, storage=storage, num_workers=num_workers,
-                  datasets={"train": dataset}, keep_checkpoints=loop.keep_checkpoints,
-                  max_failures=max_failures, cpus_per_worker=cpus_per_worker)
+    return launch(_fit_task, payload, run_name=run_name, storage=storage, datasets={"train": dataset},
+                  keep_checkpoints=loop.keep_checkpoints, **launch_options)
 
 
 def _fit_task(payload: dict[str, Any]) -> None:

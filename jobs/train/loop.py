@@ -13,6 +13,7 @@ data position is the step (the resumed epoch skips the batches it already traine
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import zlib
@@ -281,7 +282,10 @@ def run_context(loop: LoopConfig, rows: int, *, rank: int, world: int) -> RunCon
 def _start_line(ctx: RunContext, step: int, total_steps: int, restored: dict[str, Any] | None) -> str:
     plan = ctx.plan
     where = f"resumed at step {step} from {restored['restored_from']}" if restored else "fresh start"
-    return (f"{where}; {ctx.world} workers x {plan.accum_steps} micro-batches of {plan.micro} = global "
+    device = str(ctx.device)
+    if ctx.device.type == "cpu" and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        device += " (this worker holds a Ray GPU without usable CUDA: training on CPU with gloo)"
+    return (f"{where} on {device}; {ctx.world} workers x {plan.accum_steps} micro-batches of {plan.micro} = global "
             f"batch {plan.global_batch}; {ctx.steps_per_epoch} steps/epoch, {total_steps} steps")
 
 
