@@ -52,6 +52,7 @@ def runtime_env_for(working_dir: Path, forward_secrets: bool, environ: dict[str,
 
 
 def submit(args: argparse.Namespace) -> int:
+    import ray.exceptions
     from ray.job_submission import JobSubmissionClient
 
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
@@ -60,7 +61,14 @@ def submit(args: argparse.Namespace) -> int:
                          "(after `ray up cluster.yaml`, `ray dashboard cluster.yaml` forwards it to localhost:8265)")
     entrypoint = entrypoint_for(args.rae_command)
     runtime_env = runtime_env_for(Path(args.working_dir), args.forward_secrets, dict(os.environ))
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except ray.exceptions.AuthenticationError as error:
+        raise PermissionError(f"the cluster at {address} requires a Ray auth token and this shell's was not "
+                              f"accepted ({error.message}): export RAY_AUTH_TOKEN=<token> (on the head, "
+                              f"`ray get-auth-token` prints it) and submit again") from None
+    except ConnectionError as error:
+        raise ConnectionError(f"no Ray job server at {address}: {error}") from None
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
@@ -88,22 +96,29 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def wait_for(client, job_id: str, timeout_s: float | None) -> int:
-    """Stream the job's logs until it ends; exit code 0 only when it succeeded."""
+    """Stream the job's logs until it ends; exit code 0 only when it succeeded. Ctrl-C (or the
+    timeout) stops the waiting, not the job: it keeps running on the cluster, and the lines printed
+    say how to follow or stop it."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     printed = 0
     status = None
-    while deadline is None or time.monotonic() < deadline:
-        status = str(client.get_job_status(job_id)).split(".")[-1]
-        logs = client.get_job_logs(job_id)
-        sys.stdout.write(logs[printed:])
-        sys.stdout.flush()
-        printed = len(logs)
-        if status in TERMINAL:
-            break
-        time.sleep(1.0)
-    else:
-        print(f"job {job_id} still {status} after {timeout_s:.0f} s; it keeps running on the cluster")
-        return 3
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            status = str(client.get_job_status(job_id)).split(".")[-1]
+            logs = client.get_job_logs(job_id)
+            sys.stdout.write(logs[printed:])
+            sys.stdout.flush()
+            printed = len(logs)
+            if status in TERMINAL:
+                break
+            time.sleep(1.0)
+        else:
+            print(f"job {job_id} still {status} after {timeout_s:.0f} s; it keeps running on the cluster")
+            return 3
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {job_id} keeps running on the cluster. Stop it with: "
+              f"ray job stop --address {client.get_address()} {job_id}")
+        return 130
     print(f"job {job_id} {status}")
     return 0 if status == "SUCCEEDED" else 1
 
@@ -128,7 +143,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--forward-secrets", action="store_true",
                         help=f"also forward {', '.join(SECRET_ENV_VARS)} from this shell (they become "
                              "visible in the job's runtime env on the cluster)")
-    parser.add_argument("--wait", action="store_true", help="stream logs and exit with the job's result")
+    parser.add_argument("--wait", action="store_true", help="stream logs and exit with the job's result; Ctrl-C "
+                        "stops the waiting, not the job (it prints how to stop the job)")
     parser.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many s")
     parser.add_argument("rae_command", nargs=argparse.REMAINDER, help="-- then the rae command to run")
     parser.set_defaults(func=_run)
