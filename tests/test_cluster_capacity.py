@@ -80,3 +80,34 @@ def test_the_process_group_backend_is_nccl_only_when_every_worker_has_cuda():
     assert backend_for([False, False]) == "gloo"  # logical GPUs without CUDA: train on CPU
     with pytest.raises(RuntimeError, match=r"workers \[1\] of 2 have no usable CUDA"):
         backend_for([True, False])
+
+
+def test_the_autoscalers_own_launch_failure_reason_is_read_from_its_status(ray_cluster):
+    """The status record the autoscaler monitor publishes in the GCS (the shape Ray 2.60 writes)."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from pipelines.actor_pool import gpu_timeout_message
+    from pipelines.cluster_capacity import autoscaler_launch_failures
+
+    assert autoscaler_launch_failures() == []  # a cluster without an autoscaler reports nothing
+    report = {"autoscaler_report": {"failed_nodes": [["10.0.0.7", "gpu"]], "node_availability_summary": {
+        "node_availabilities": {"gpu": {"node_type": "gpu", "is_available": False, "last_checked_timestamp": 1.0,
+                                        "unavailable_node_information": {
+                                            "category": "InsufficientInstanceCapacity",
+                                            "description": "no p5.48xlarge capacity in us-east-1a"}},
+                                "cpu": {"node_type": "cpu", "is_available": True, "last_checked_timestamp": 1.0,
+                                        "unavailable_node_information": None}}}}}
+    _internal_kv_put(ray_constants.DEBUG_AUTOSCALING_STATUS, json.dumps(report), overwrite=True)
+    try:
+        reason = "node type gpu: InsufficientInstanceCapacity: no p5.48xlarge capacity in us-east-1a"
+        assert autoscaler_launch_failures() == [reason]
+        assert autoscaler_launch_failures(("cpu",)) == []
+        capacity = ClusterCapacity(gpus_now=0, gpu_nodes_now=0, node_types=(CPU, GPU), source="test")
+        message = gpu_timeout_message("encoder", "encode", 30, capacity)
+        assert "none started within 30s (--gpu-wait-s)" in message and f"The autoscaler reports: {reason}." in message
+        assert "node types: cpu (CPU=1) up to 2, gpu (CPU=1, GPU=1) up to 2" in message
+    finally:
+        _internal_kv_del(ray_constants.DEBUG_AUTOSCALING_STATUS)
