@@ -221,6 +221,12 @@ def down(workdir: str | os.PathLike) -> bool:
     if cluster is None:
         return False
     pids = [pid for pid in (cluster.namespace_pid, cluster.forwarder_pid) if _is_ours(cluster, pid)]
+    # `unshare`, the parent of the namespace's PID 1, exits with it; waiting for it too reaps it when
+    # it is our child (in tests), so no zombie outlives the cluster.
+    unshare = namespaces.parent(cluster.namespace_pid) if cluster.namespace_pid in pids else None
+    with contextlib.suppress(OSError):
+        if unshare is not None and Path(f"/proc/{unshare}/comm").read_text().strip() == "unshare":
+            pids.append(unshare)
     namespaces.kill_and_wait(pids, STOP_TIMEOUT_S)
     left = namespace_pids(cluster)
     if left:
@@ -260,10 +266,12 @@ def load(workdir: str | os.PathLike) -> LocalCluster:
 def exec_inside(cluster: LocalCluster, argv: Sequence[str], **run_kwargs) -> subprocess.CompletedProcess:
     """Run a command inside the cluster's namespaces (its network, PIDs and /tmp/ray), e.g. a python
     that calls ``ray.init()``. Keyword arguments go to subprocess.run (check, capture_output...); ``env``
-    is added to this process's environment and the cluster's client variables."""
+    is added to this process's environment, with this venv first on PATH and the cluster's token."""
     run_kwargs.setdefault("cwd", cluster.workdir)
-    environ = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
-    run_kwargs["env"] = {**environ, **cluster.client_env(), **run_kwargs.get("env", {})}
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    inside = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
+              "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}"}  # the forwarded port is the host's
+    run_kwargs["env"] = {**environ, **cluster.client_env(), **inside, **run_kwargs.get("env", {})}
     return subprocess.run([*namespaces.nsenter_argv(cluster.namespace_pid), "--", *argv], **run_kwargs)
 
 
@@ -356,7 +364,8 @@ def _is_ours(cluster: LocalCluster, pid: int) -> bool:
     try:
         if pid == cluster.namespace_pid:
             return namespaces.pid_namespace(pid) == cluster.pid_namespace and namespaces.alive(pid)
-        return b"netns_forward" in Path(f"/proc/{pid}/cmdline").read_bytes() and namespaces.alive(pid)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return f"/proc/{cluster.namespace_pid}/ns/net".encode() in argv and namespaces.alive(pid)
     except OSError:
         return False
 

@@ -54,6 +54,12 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def parent(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return None
+
+
 def pid_namespace(pid: int) -> str:
     """The PID namespace of host process ``pid``, e.g. "pid:[4026532178]"."""
     return os.readlink(f"/proc/{pid}/ns/pid")
@@ -72,10 +78,11 @@ def pids_in(namespace: str) -> list[int]:
 
 def first_child(pid: int) -> int | None:
     """A child of ``pid`` (``unshare --fork`` has exactly one: the new namespace's PID 1)."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(FileNotFoundError):  # absent when the kernel lacks CONFIG_PROC_CHILDREN
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return int(children[0]) if children else None
-    return None
+    return next((int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and parent(int(entry.name)) == pid),
+                None)
 
 
 def listening(pid: int, port: int) -> bool:

@@ -1,6 +1,6 @@
 """`rae cluster local`: an autoscaling fake-provider Ray cluster in private namespaces.
 
-The fast tests check the autoscaler config and the CLI's errors. The slow ones share one cluster
+The fast tests check the autoscaler config, the CLI's errors and the forwarder into a namespace. The slow ones share one cluster
 (the ``local_cluster`` fixture in conftest.py) and walk its life in order: the host reaches the job
 server, a num_gpus=1 task makes the autoscaler launch a gpu node from zero, the idle node goes
 away, and ``down`` leaves no process behind. Measured on the 2-core dev machine: ~10-30 s to the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import ray
 import yaml
 
+from jobs import namespaces
 from jobs.cli.app import main
 from jobs.local_cluster import (
     HEAD_NODE_TYPE,
@@ -29,9 +31,12 @@ from jobs.local_cluster import (
     exec_inside,
     namespace_env,
     namespace_pids,
+    preflight,
     raylet_pids,
     status,
 )
+
+pytestmark = pytest.mark.timeout(600)  # the slow tests take ~1 min on an idle 2-core machine
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TASK = ("import os, ray; ray.init(); "
@@ -90,6 +95,31 @@ def test_down_without_a_cluster_does_nothing(tmp_path):
     assert down(tmp_path) is False
 
 
+def test_the_forwarder_reaches_the_port_inside_the_namespace_not_the_hosts(tmp_path):
+    try:
+        preflight()
+    except (PermissionError, FileNotFoundError) as error:
+        pytest.skip(str(error))
+    host = socket.create_server(("127.0.0.1", 0))  # the same port on the host: must not be the one reached
+    port = host.getsockname()[1]
+    server = f"import socket; c, _ = socket.create_server(('127.0.0.1', {port})).accept(); c.sendall(b'inside')"
+    unshare = subprocess.Popen([*namespaces.unshare_argv(), "sh", "-c", f'ip link set lo up && exec {sys.executable} -c "{server}"'])
+    ns_pid = _wait_until(lambda: namespaces.first_child(unshare.pid), 30, "the namespace")
+    listener = socket.create_server(("127.0.0.1", 0))
+    forwarder = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "netns_forward.py"), "--listen-fd", str(listener.fileno()),
+                                  "--netns", f"/proc/{ns_pid}/ns/net", "--target", f"127.0.0.1:{port}"],
+                                 pass_fds=(listener.fileno(),))
+    try:
+        _wait_until(lambda: namespaces.listening(ns_pid, port), 30, "the server in the namespace")
+        with socket.create_connection(listener.getsockname(), timeout=30) as client:
+            assert client.recv(16) == b"inside"
+    finally:
+        namespaces.kill_and_wait([ns_pid, forwarder.pid], 30)
+        unshare.wait()
+        host.close()
+        listener.close()
+
+
 # Slow: one cluster for the rest of the module, in this order.
 
 @pytest.fixture(scope="module")
@@ -105,9 +135,6 @@ def cluster(local_cluster_spec, timings, request):
     cluster = request.getfixturevalue("local_cluster")
     timings["up"] = time.monotonic() - started
     return cluster
-
-
-pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.mark.slow
