@@ -1,10 +1,11 @@
 """`rae cluster local`: an autoscaling fake-provider Ray cluster in private namespaces.
 
-The fast tests check the autoscaler config, the CLI's errors and the forwarder into a namespace. The slow ones share one cluster
-(the ``local_cluster`` fixture in conftest.py) and walk its life in order: the host reaches the job
-server, a num_gpus=1 task makes the autoscaler launch a gpu node from zero, the idle node goes
-away, and ``down`` leaves no process behind. Measured on the 2-core dev machine: ~10-30 s to the
-head answering, ~5-10 s for the gpu node, the idle timeout plus ~1 s to scale down.
+The fast tests check the autoscaler config, the CLI's errors and the forwarder into a namespace.
+The slow ones share one cluster (the ``local_cluster`` fixture in conftest.py) and walk its life in
+order: the host reaches the job server, a num_gpus=1 task makes the autoscaler launch a gpu node
+from zero, the idle node goes away, and ``down`` leaves no process behind. Measured on the 2-core
+dev machine, idle: 8-10 s to the job server, 7.5 s to the gpu node, the 30 s idle timeout to scale
+down (16-30 s to the job server while another Ray test ran); the module takes ~1 min.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _alive(cluster, node_type: str) -> list[str]:
     return [n.node_id for n in status(cluster.workdir).nodes if n.node_type == node_type and n.state == "ALIVE"]
 
 
-# Fast: the config and the CLI, no cluster.
+# Fast: the config, the CLI and the forwarder; no Ray cluster.
 
 def test_autoscaling_config_validates_against_rays_own_schema():
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
