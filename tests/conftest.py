@@ -71,3 +71,27 @@ def class_store(tmp_path_factory) -> str:
     from builders import class_latent_store
 
     return class_latent_store(str(tmp_path_factory.mktemp("store") / "latents"))
+
+
+@pytest.fixture(scope="module")
+def local_cluster_spec(tmp_path_factory):
+    """What ``local_cluster`` starts: a module overrides this fixture for other node counts or an
+    other idle timeout (jobs.local_cluster.LocalClusterSpec)."""
+    from jobs.local_cluster import LocalClusterSpec
+
+    return LocalClusterSpec(workdir=tmp_path_factory.mktemp("local-cluster"))
+
+
+@pytest.fixture(scope="module")
+def local_cluster(local_cluster_spec):
+    """An autoscaling Ray cluster for the module (fake provider, cpu/gpu nodes from 0, private
+    namespaces; jobs/local_cluster.py), stopped after it. Skipped where namespaces are not permitted.
+    Do not combine with ``ray_cluster`` in one module: two clusters on two cores starve each other."""
+    from jobs.local_cluster import preflight, running
+
+    try:
+        preflight()
+    except (PermissionError, FileNotFoundError) as error:  # not root and no user namespaces; not Linux
+        pytest.skip(str(error))
+    with running(local_cluster_spec) as cluster:
+        yield cluster

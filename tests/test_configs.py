@@ -142,7 +142,7 @@ def test_every_configurable_command_is_covered_and_its_flags_name_real_fields():
     for path, parser in leaves(build_parser()):
         base = parser.get_default("config_base")
         if base is None:
-            assert path[:1] in (("models",), ("store",), ("submit",)), f"rae {' '.join(path)} takes no --config"
+            assert path[:1] in (("models",), ("store",), ("submit",), ("cluster",)), f"rae {' '.join(path)} takes no --config"
             continue
         configurable.add(" ".join(path))
         options = {option for action in parser._actions for option in action.option_strings}
