@@ -4,9 +4,11 @@ The job runs the same code path as a local run: the project directory is uploade
 working directory (minus data, environments and checkpoints), and the entrypoint is the rae command
 itself, started as ``python -m jobs.cli.app ...`` so the uploaded copy is the code that runs.
 
-Authentication: Ray >= 2.59 clusters may require a token (``RAY_AUTH_MODE=token``). The job client
-reads it from ``RAY_AUTH_TOKEN`` or the file named by ``RAY_AUTH_TOKEN_PATH`` (default
-``~/.ray/auth_token``); on a cluster made by ``ray up``, ``ray get-auth-token`` on the head prints it.
+Authentication: Ray >= 2.59 clusters may require a token. ``rae submit`` sends the one in
+``RAY_AUTH_TOKEN``, or in the file ``RAY_AUTH_TOKEN_PATH`` names, itself (Ray's client sends a token
+only when ``RAY_AUTH_MODE=token`` is set too); without either, Ray's own lookup applies
+(``~/.ray/auth_token`` under ``RAY_AUTH_MODE=token``). On a cluster made by ``ray up``,
+``ray get-auth-token`` on the head prints the token.
 """
 from __future__ import annotations
 
@@ -51,6 +53,19 @@ def runtime_env_for(working_dir: Path, forward_secrets: bool, environ: dict[str,
     return {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
 
 
+def auth_headers(environ: dict[str, str] | os._Environ) -> dict[str, str] | None:
+    """The bearer token header from ``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH`` names; None
+    when neither is set (Ray's client then applies its own rules)."""
+    token = environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as error:
+            raise FileNotFoundError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token ({error.strerror})") from None
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
 def submit(args: argparse.Namespace) -> int:
     import ray.exceptions
     from ray.job_submission import JobSubmissionClient
@@ -62,7 +77,7 @@ def submit(args: argparse.Namespace) -> int:
     entrypoint = entrypoint_for(args.rae_command)
     runtime_env = runtime_env_for(Path(args.working_dir), args.forward_secrets, dict(os.environ))
     try:
-        client = JobSubmissionClient(address)
+        client = JobSubmissionClient(address, headers=auth_headers(os.environ))
     except ray.exceptions.AuthenticationError as error:
         raise PermissionError(f"the cluster at {address} requires a Ray auth token and this shell's was not "
                               f"accepted ({error.message}): export RAY_AUTH_TOKEN=<token> (on the head, "
@@ -129,7 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run a rae command as a Ray job on a cluster",
         description="Submit a rae command to a Ray cluster as a job, with this project as its working "
                     "directory:  rae submit --address http://HEAD:8265 -- rae encode --shards s3://... "
-                    "--store s3://...  Token-auth clusters (Ray >= 2.59): export RAY_AUTH_TOKEN first.",
+                    "--store s3://...  Token-auth clusters (Ray >= 2.59): export RAY_AUTH_TOKEN (or "
+                    "RAY_AUTH_TOKEN_PATH) first; rae submit sends it.",
     )
     parser.add_argument("--address", help="the cluster's job server, e.g. http://127.0.0.1:8265 "
                                           "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
