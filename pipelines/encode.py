@@ -171,7 +171,9 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
             "flip": config.flip, "latent_dtype": config.latent_dtype, "batch_size": config.batch_size,
             "weights_digest": encoder.weights_digest, "cpu_threads": cpu_threads})
         if not store_local:
-            ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=0.25, fn_kwargs=commit_kwargs)
+            # A whole CPU per commit task: each is a worker process that imports torch (~0.8 GB), and a
+            # fraction let 4 per CPU start at once (12 concurrent imports stalled a 2-core cluster).
+            ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=1, fn_kwargs=commit_kwargs)
         return ds
 
     workers: dict[str, int] = {}

@@ -1,6 +1,6 @@
 """The cluster path as a user runs it: `rae submit` to an autoscaling cluster whose GPU workers start
 at 0 (the local fake-provider cluster, jobs/local_cluster.py: a CPU-only head, `cpu` and `gpu` node
-types of 1 CPU each, both 0..2 nodes). The commands are the README's "From laptop to cluster" ones
+types of 2 CPUs each, 0..1 cpu and 0..2 gpu nodes). The commands are the README's "From laptop to cluster" ones
 with local paths; the GPUs are logical (no CUDA), so the GPU code paths fall back to CPU and gloo.
 
 In order, on one cluster:
@@ -43,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_cluster_spec(tmp_path_factory) -> LocalClusterSpec:
-    return LocalClusterSpec(workdir=tmp_path_factory.mktemp("cluster"), cpu_workers=2, gpu_workers=2,
+    # Two logical CPUs per node, so decoding and data reading fit beside an actor or a train worker on
+    # the gpu nodes: fewer nodes (each is ~5 Ray processes) on the 2-core machine.
+    return LocalClusterSpec(workdir=tmp_path_factory.mktemp("cluster"), cpu_workers=1, gpu_workers=2, cpus_per_node=2,
                             idle_timeout_s=IDLE_TIMEOUT_S)
 
 
@@ -171,9 +173,10 @@ def test_encode_survives_losing_a_gpu_node_mid_way(local_cluster, shards, direct
 def test_elastic_training_grows_to_two_workers_and_survives_losing_a_node(local_cluster, tmp_path_factory, timings):
     cluster = local_cluster
     work = tmp_path_factory.mktemp("train")
-    store = class_latent_store(str(work / "latents"), rows=64)
+    # Few epochs of many steps: each epoch starts a Ray Data execution, the slow part on 2 loaded cores.
+    store = class_latent_store(str(work / "latents"), rows=256)
     storage = work / "runs"
-    epochs, steps_per_epoch = 10, 4
+    epochs, steps_per_epoch = 2, 16
     job = rae_submit(cluster, "train", "dit", "--store", store, "--run", "elastic", "--storage", str(storage),
                      "--num-workers", "1,2", "--resize-check-s", "5", "--gpu-wait-s", "300",
                      "--epochs", str(epochs), "--set", "model=ditdh-tiny", "--set", "ema_decay=0.9",
@@ -210,4 +213,5 @@ def test_elastic_training_grows_to_two_workers_and_survives_losing_a_node(local_
     history = json.loads((export / "history.json").read_text())
     steps = [entry["step"] for entry in history]
     assert steps == list(range(4, epochs * steps_per_epoch + 1, 4))  # every logged step once, none lost
+    assert history[-1]["loss"] < history[0]["loss"]
     assert all(np.isfinite(entry["loss"]) for entry in history)

@@ -218,10 +218,13 @@ def ray_shard_batches(dataset_name: str, columns: Sequence[str], shuffle_buffer:
     import ray.train
 
     shard = ray.train.get_dataset_shard(dataset_name)
+    # Ray's default is the worker's accelerator, cuda:0 for any worker holding a Ray GPU, even one
+    # without usable CUDA; batches go where this worker trains.
+    device = training_device()
 
     def batches(epoch: int, micro: int) -> Iterator[Batch]:
         stream = shard.iter_torch_batches(
-            batch_size=micro, drop_last=False, dtypes=None,
+            batch_size=micro, drop_last=False, dtypes=None, device=device,
             local_shuffle_buffer_size=shuffle_buffer or None,
             local_shuffle_seed=mix_seed(seed, epoch, rank) % (2**31) if shuffle_buffer else None)
         for batch in exact_batches(stream, micro):
