@@ -33,7 +33,7 @@ def submit(cluster, *command: str, timeout_s: float = 1800) -> float:
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
     env.update(cluster.client_env())
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "jobs.cli.app", "submit", "--address", cluster.address, "--wait",
+    done = subprocess.run([sys.executable, "-m", "jobs.cli.app", "submit", "--address", cluster.address, "--no-upload", "--wait",
                            "--timeout", str(int(timeout_s)), "--", "rae", *command],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s + 60)
     if done.returncode != 0:

@@ -61,7 +61,7 @@ def rae_submit(cluster, *command: str, timeout_s: float = 900) -> subprocess.Pop
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
     env.update(cluster.client_env())
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli.app", "submit", "--address", cluster.address, "--wait",
+        [sys.executable, "-m", "jobs.cli.app", "submit", "--address", cluster.address, "--no-upload", "--wait",
          "--timeout", str(int(timeout_s)), "--", "rae", *command],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

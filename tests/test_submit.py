@@ -54,6 +54,23 @@ def test_secrets_are_forwarded_only_when_asked():
     assert set(full) == set(CONFIG_ENV_VARS + SECRET_ENV_VARS)
 
 
+def test_no_upload_sends_only_the_environment():
+    assert runtime_env_for(None, forward_secrets=False, environ={"WANDB_MODE": "offline"}) == \
+        {"env_vars": {"WANDB_MODE": "offline"}}
+    assert runtime_env_for(Path("/p"), forward_secrets=False, environ={})["working_dir"] == "/p"
+
+
+def test_the_token_is_sent_from_the_environment_or_its_file(tmp_path):
+    from jobs.cli.submit import auth_headers
+
+    assert auth_headers({}) is None
+    assert auth_headers({"RAY_AUTH_TOKEN": "abc"}) == {"Authorization": "Bearer abc"}
+    (tmp_path / "token").write_text("xyz\n")
+    assert auth_headers({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}) == {"Authorization": "Bearer xyz"}
+    with pytest.raises(FileNotFoundError, match="RAY_AUTH_TOKEN_PATH=.*missing"):
+        auth_headers({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+
+
 def test_missing_address_is_a_clear_error(capsys, monkeypatch):
     for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)

@@ -33,7 +33,7 @@ def _up(args: argparse.Namespace) -> int:
           f"to the CPU); idle nodes go after {spec.idle_timeout_s:.0f} s")
     print("next:")
     print(f"  export {exports}")
-    print(f"  rae submit --address {cluster.address} --wait -- rae encode ...")
+    print(f"  rae submit --address {cluster.address} --no-upload --wait -- rae encode ...")
     print(f"  rae cluster local status --dir {folder}")
     print(f"  rae cluster local down --dir {folder}")
     print(f"  logs: {cluster.workdir}/*.log and {cluster.temp_dir}/session_*/logs")

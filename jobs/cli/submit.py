@@ -47,9 +47,13 @@ def entrypoint_for(command: list[str]) -> str:
     return shlex.join(["python", "-m", "jobs.cli.app", *command])
 
 
-def runtime_env_for(working_dir: Path, forward_secrets: bool, environ: dict[str, str]) -> dict:
+def runtime_env_for(working_dir: Path | None, forward_secrets: bool, environ: dict[str, str]) -> dict:
+    """The job's runtime env: the forwarded variables, and ``working_dir`` uploaded as the job's working
+    directory (None: nothing uploaded; the job runs the rae installed on the nodes)."""
     names = CONFIG_ENV_VARS + (SECRET_ENV_VARS if forward_secrets else ())
     env_vars = {name: environ[name] for name in names if name in environ}
+    if working_dir is None:
+        return {"env_vars": env_vars}
     return {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
 
 
@@ -75,7 +79,8 @@ def submit(args: argparse.Namespace) -> int:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS "
                          "(after `ray up cluster.yaml`, `ray dashboard cluster.yaml` forwards it to localhost:8265)")
     entrypoint = entrypoint_for(args.rae_command)
-    runtime_env = runtime_env_for(Path(args.working_dir), args.forward_secrets, dict(os.environ))
+    working_dir = None if args.no_upload else Path(args.working_dir)
+    runtime_env = runtime_env_for(working_dir, args.forward_secrets, dict(os.environ))
     try:
         client = JobSubmissionClient(address, headers=auth_headers(os.environ))
     except ray.exceptions.AuthenticationError as error:
@@ -151,6 +156,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
     parser.add_argument("--working-dir", default=str(PROJECT_ROOT),
                         help="directory uploaded as the job's working dir (default: this project)")
+    parser.add_argument("--no-upload", action="store_true",
+                        help="upload nothing: run the rae installed on the cluster's nodes, for clusters whose nodes "
+                             "already have this checkout (`rae cluster local`, whose simulated nodes share one disk "
+                             "where Ray's per-node unpacking of an uploaded working dir would collide)")
     parser.add_argument("--job-id", help="a submission id of your choosing (default: generated)")
     parser.add_argument("--entrypoint-num-cpus", type=float, default=None,
                         help="CPUs reserved for the driver (default 0: it may run on the CPU-only head)")
