@@ -181,7 +181,7 @@ def test_elastic_training_grows_to_two_workers_and_survives_losing_a_node(local_
                      "--num-workers", "1,2", "--resize-check-s", "5", "--gpu-wait-s", "300",
                      "--epochs", str(epochs), "--set", "model=ditdh-tiny", "--set", "ema_decay=0.9",
                      "--set", "loop.global_batch_size=16", "--set", "loop.max_micro_batch=8",
-                     "--set", "loop.checkpoint_every_steps=4", "--set", "loop.log_every_steps=4",
+                     "--set", "loop.checkpoint_every_steps=8", "--set", "loop.log_every_steps=4",
                      "--set", "loop.shuffle_buffer=32", "--set", "optim.schedule.base_lr=3e-3",
                      "--set", "optim.schedule.final_lr=3e-4", "--set", f"optim.schedule.hold_epochs={epochs - 1}",
                      "--set", f"optim.schedule.decay_end_epoch={epochs}")
