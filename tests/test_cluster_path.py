@@ -127,6 +127,16 @@ def assert_store_holds_every_image_once(store: str, direct: dict) -> None:
     assert verify_store(store).problems == []
 
 
+def test_submitting_without_the_clusters_token_is_one_clear_line(local_cluster):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    done = subprocess.run([sys.executable, "-m", "jobs.cli.app", "submit", "--address", local_cluster.address,
+                           "--no-upload", "--", "rae", "models"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "requires a Ray auth token" in done.stderr, done.stderr
+    assert "export RAY_AUTH_TOKEN" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_encode_scales_gpu_nodes_from_zero_and_runs_its_actors_there(local_cluster, shards, direct, tmp_path_factory,
                                                                      timings):
     cluster = local_cluster

@@ -85,7 +85,7 @@ def submit(args: argparse.Namespace) -> int:
         client = JobSubmissionClient(address, headers=auth_headers(os.environ))
     except ray.exceptions.AuthenticationError as error:
         raise PermissionError(f"the cluster at {address} requires a Ray auth token and this shell's was not "
-                              f"accepted ({error.message}): export RAY_AUTH_TOKEN=<token> (on the head, "
+                              f"accepted ({' '.join(error.message.split())}): export RAY_AUTH_TOKEN=<token> (on the head, "
                               f"`ray get-auth-token` prints it) and submit again") from None
     except ConnectionError as error:
         raise ConnectionError(f"no Ray job server at {address}: {error}") from None
