@@ -254,6 +254,11 @@ def status(workdir: str | os.PathLike) -> ClusterStatus:
     return ClusterStatus(up=True, address=cluster.address, nodes=sorted(nodes, key=lambda n: n.node_id))
 
 
+def alive_node_ids(workdir: str | os.PathLike, node_type: str) -> list[str]:
+    """Ids of the cluster's live nodes of ``node_type`` ("cpu", "gpu", HEAD_NODE_TYPE)."""
+    return [n.node_id for n in status(workdir).nodes if n.node_type == node_type and n.state == "ALIVE"]
+
+
 def load(workdir: str | os.PathLike) -> LocalCluster:
     """The running cluster recorded in ``workdir``; FileNotFoundError naming the folder if none."""
     cluster = _load(Path(workdir).resolve())

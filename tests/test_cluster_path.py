@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import torch
 from builders import class_latent_store, write_image_folder
+from polling import wait_until
 
-from jobs.local_cluster import LocalClusterSpec, raylet_pids, status
+from jobs.local_cluster import LocalClusterSpec, alive_node_ids, raylet_pids
 from pipelines.image_decode import decode_image
 from pipelines.shards import make_shards
 from pipelines.store_check import verify_store
@@ -72,16 +73,8 @@ def finish(process: subprocess.Popen, timeout_s: float = 900) -> str:
     return out
 
 
-def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(0.5)
-    return result
-
-
 def alive(cluster, node_type: str) -> list[str]:
-    return [n.node_id for n in status(cluster.workdir).nodes if n.node_type == node_type and n.state == "ALIVE"]
+    return alive_node_ids(cluster.workdir, node_type)
 
 
 @pytest.fixture(scope="module")

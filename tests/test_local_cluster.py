@@ -21,10 +21,12 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from polling import wait_until
 
 from jobs import namespaces
 from jobs.cli.app import main
 from jobs.local_cluster import (
+    alive_node_ids,
     HEAD_NODE_TYPE,
     LocalClusterSpec,
     autoscaling_config,
@@ -44,16 +46,8 @@ GPU_TASK = ("import os, ray; ray.init(); "
             "print('visible:', ray.get(ray.remote(num_gpus=1)(lambda: os.environ['CUDA_VISIBLE_DEVICES']).remote()))")
 
 
-def _wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(1.0)
-    return result
-
-
 def _alive(cluster, node_type: str) -> list[str]:
-    return [n.node_id for n in status(cluster.workdir).nodes if n.node_type == node_type and n.state == "ALIVE"]
+    return alive_node_ids(cluster.workdir, node_type)
 
 
 # Fast: the config, the CLI and the forwarder; no Ray cluster.
@@ -105,13 +99,13 @@ def test_the_forwarder_reaches_the_port_inside_the_namespace_not_the_hosts(tmp_p
     port = host.getsockname()[1]
     server = f"import socket; c, _ = socket.create_server(('127.0.0.1', {port})).accept(); c.sendall(b'inside')"
     unshare = subprocess.Popen([*namespaces.unshare_argv(), "sh", "-c", f'ip link set lo up && exec {sys.executable} -c "{server}"'])
-    ns_pid = _wait_until(lambda: namespaces.first_child(unshare.pid), 30, "the namespace")
+    ns_pid = wait_until(lambda: namespaces.first_child(unshare.pid), 30, "the namespace")
     listener = socket.create_server(("127.0.0.1", 0))
     forwarder = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "netns_forward.py"), "--listen-fd", str(listener.fileno()),
                                   "--netns", f"/proc/{ns_pid}/ns/net", "--target", f"127.0.0.1:{port}"],
                                  pass_fds=(listener.fileno(),))
     try:
-        _wait_until(lambda: namespaces.listening(ns_pid, port), 30, "the server in the namespace")
+        wait_until(lambda: namespaces.listening(ns_pid, port), 30, "the server in the namespace")
         with socket.create_connection(listener.getsockname(), timeout=30) as client:
             assert client.recv(16) == b"inside"
     finally:
@@ -160,7 +154,7 @@ def test_a_gpu_task_launches_a_gpu_node_from_zero(cluster, timings):
         job_status = str(client.get_job_status(job_id)).split(".")[-1]
         return job_status if job_status in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
-    final = _wait_until(ended, 240, "the GPU job to end")
+    final = wait_until(ended, 240, "the GPU job to end")
     timings["gpu job"] = time.monotonic() - started
     timings["job ended at"] = time.monotonic()
     logs = client.get_job_logs(job_id)
@@ -181,9 +175,9 @@ def test_inside_the_namespace_ray_init_finds_the_cluster(cluster):
 
 @pytest.mark.slow
 def test_an_idle_gpu_node_is_removed_after_the_idle_timeout(cluster, local_cluster_spec, timings):
-    _wait_until(lambda: not _alive(cluster, "gpu"), local_cluster_spec.idle_timeout_s + 120, "the idle gpu node to go")
+    wait_until(lambda: not _alive(cluster, "gpu"), local_cluster_spec.idle_timeout_s + 120, "the idle gpu node to go")
     timings["gpu job end -> node gone"] = time.monotonic() - timings.pop("job ended at")
-    _wait_until(lambda: raylet_pids(cluster, "gpu") == {}, 60, "the removed node's raylet to exit")  # GCS marks it dead first
+    wait_until(lambda: raylet_pids(cluster, "gpu") == {}, 60, "the removed node's raylet to exit")  # GCS marks it dead first
     assert _alive(cluster, HEAD_NODE_TYPE)
 
 
