@@ -76,7 +76,8 @@ class LocalClusterSpec:
     workdir: Path = Path("rae-local-cluster")  # state, config and logs; one cluster per folder
     cpu_workers: int = 2                        # max `cpu` nodes (the autoscaler starts them from 0)
     gpu_workers: int = 2                        # max `gpu` nodes, each with one logical GPU
-    cpus_per_node: int = 1                      # logical CPUs per worker node (the head has 0)
+    cpus_per_node: int = 2                      # logical CPUs per worker node (the head has 0): one for an
+                                                # actor or train worker, one for the data tasks beside it
     idle_timeout_s: float = 30.0                # an idle worker node is removed after this long
     object_store_mb: int = 256                  # per node; Ray's default (30% of RAM each) is huge here
     env: Mapping[str, str] = field(default_factory=dict)  # extra variables for every process inside
