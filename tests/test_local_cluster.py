@@ -21,6 +21,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from conftest import require_namespaces
 from polling import wait_until
 
 from jobs import namespaces
@@ -34,7 +35,6 @@ from jobs.local_cluster import (
     exec_inside,
     namespace_env,
     namespace_pids,
-    preflight,
     raylet_pids,
     status,
 )
@@ -91,10 +91,7 @@ def test_down_without_a_cluster_does_nothing(tmp_path):
 
 
 def test_the_forwarder_reaches_the_port_inside_the_namespace_not_the_hosts(tmp_path):
-    try:
-        preflight()
-    except (PermissionError, FileNotFoundError) as error:
-        pytest.skip(str(error))
+    require_namespaces()
     host = socket.create_server(("127.0.0.1", 0))  # the same port on the host: must not be the one reached
     port = host.getsockname()[1]
     server = f"import socket; c, _ = socket.create_server(('127.0.0.1', {port})).accept(); c.sendall(b'inside')"
