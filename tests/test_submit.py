@@ -29,6 +29,7 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+                    f"--dashboard-agent-listen-port={_free_port()}",
                     "--num-cpus=1", f"--temp-dir={temp_dir}",
                     "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
     yield f"http://127.0.0.1:{dashboard_port}"
