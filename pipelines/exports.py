@@ -4,7 +4,7 @@ A training checkpoint is sharded (DCP) and holds optimizer state; sampling and e
 file of weights and how to build the module. An export folder (``<run>/export/``) holds:
 
     model.safetensors   full, unsharded fp32 EMA weights (metadata: run, step)
-    model.json          {"format": 2, "kind", "builder": "rae.<module>:<factory>", "preset",
+    model.json          {"format": 3, "kind", "builder": "rae.<module>:<factory>", "preset",
                          "kwargs": {...}, "latent_spec": {...}, "run", "step", ...}
     history.json        the run's logged metrics [{step, loss, lr, ...}], for loss curves
     stats.safetensors   (DiT exports) the store's normalization statistics, named by latent_spec.stats
@@ -31,7 +31,14 @@ from pipelines import storage
 from rae.latent_spec import LatentSpec
 from rae.normalization import LatentStats
 
-EXPORT_FORMAT = 2  # 2: the latent space is one `latent_spec` (1 had `encoder`/`encoder_spec`/`latent_shape`)
+# 3: the models compute what the official RAE code computes (position table column-first, the decoder's
+#    CLS token, DiT^DH's SiLU condition): format-2 weights give other outputs under this code.
+# 2: the latent space is one `latent_spec` (1 had `encoder`/`encoder_spec`/`latent_shape`).
+EXPORT_FORMAT = 3
+_FORMAT_CHANGES = {2: "its models predate official parity (positions, the decoder's CLS token, DiT^DH's condition); "
+                      "they would give other outputs under this version: retrain, or import official weights "
+                      "with `rae import`",
+                   1: "the latent space recorded as one latent_spec; re-export it from its run"}
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 HISTORY_FILE = "history.json"
@@ -96,9 +103,9 @@ def read_export_facts(url: str, kind: str | None = None) -> ExportFacts:
     text = fs.cat_file(config_path)
     config = json.loads(text)
     if config.get("format") != EXPORT_FORMAT:
+        why = _FORMAT_CHANGES.get(config.get("format"), "re-export it from its run, or retrain")
         raise ValueError(f"{what}: export format {config.get('format')!r}, this version of rae reads "
-                         f"{EXPORT_FORMAT} (the latent space recorded as one latent_spec); re-export it from "
-                         f"its run, or retrain")
+                         f"{EXPORT_FORMAT}: {why}")
     if kind is not None and config.get("kind") != kind:
         raise ValueError(f"{what} is a {config.get('kind')!r} export; expected a {kind!r} export")
     digest = hashlib.sha256(text + str(fs.info(weights_path)["size"]).encode()).hexdigest()

@@ -2,6 +2,8 @@
 
 Latent tokens (B, N, C) from a frozen encoder go through a linear in-projection, fixed 2-D sin-cos
 positions, pre-LN transformer blocks and a linear head that emits one 16x16x3 pixel patch per token.
+As in the official RAE decoder (an MAE decoder), a learned CLS token is prepended: it takes part in
+attention and is dropped at the output; its position row is zero and the LayerNorms use eps 1e-12.
 The head predicts pixels in the encoder's normalized space (x - mean) / std; the mean/std are undone
 at the very end so the output lives in [0, 1]-ish pixel space (not clamped, so losses see the raw
 prediction).
@@ -10,6 +12,7 @@ Read top to bottom: the config, the model, then the named size presets and the f
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,6 +40,7 @@ class DecoderConfig:
     grid: int = 16
     pixel_patch: int = PIXELS_PER_TOKEN
     noise_tau: float = 0.8  # noise-augmented training: sigma ~ tau * U(0, 1) per sample
+    layer_norm_eps: float = 1e-12  # the official (HF ViTMAE) decoder's
     image_mean: tuple[float, float, float] = IMAGENET_MEAN  # the encoder's normalization
     image_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -48,6 +52,8 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.width ({self.width}) must be divisible by heads ({self.heads})")
         if self.width % 4:
             raise ValueError(f"DecoderConfig.width ({self.width}) must be divisible by 4 for 2-D sin-cos positions")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"DecoderConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}")
         if self.noise_tau < 0:
             raise ValueError(f"DecoderConfig.noise_tau must be >= 0, got {self.noise_tau}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
@@ -69,14 +75,19 @@ class ViTDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.in_proj = nn.Linear(config.latent_channels, config.width)
-        # Fixed, not learned: kept as a buffer so checkpoints and device moves carry it.
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(config.width, config.grid).unsqueeze(0))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
+        # Fixed, not learned: kept as a buffer so checkpoints and device moves carry it. Row 0 (the
+        # CLS token's) is zero.
+        positions = sincos_pos_embed_2d(config.width, config.grid)
+        self.register_buffer("pos_embed", torch.cat([positions.new_zeros(1, config.width), positions]).unsqueeze(0))
         # timm sizes the MLP as int(width * ratio); the +0.5 makes that exactly mlp_dim despite float rounding.
         mlp_ratio = (config.mlp_dim + 0.5) / config.width
+        norm_layer = functools.partial(nn.LayerNorm, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList(
-            Block(config.width, config.heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(config.depth)
+            Block(config.width, config.heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(config.depth)
         )
-        self.norm = nn.LayerNorm(config.width, eps=1e-6)
+        self.norm = norm_layer(config.width)
         self.head = nn.Linear(config.width, config.pixel_patch**2 * 3)
         self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1))
         self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1))
@@ -94,6 +105,8 @@ class ViTDecoder(nn.Module):
                 nn.init.zeros_(module.bias)
 
         self.apply(_init)
+        # The official decoder starts its CLS token at zero.
+        nn.init.zeros_(self.cls_token)
 
     @property
     def last_layer_weight(self) -> nn.Parameter:
@@ -132,10 +145,12 @@ class ViTDecoder(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         self.check_latents(latents)
-        x = self.in_proj(latents) + self.pos_embed.to(latents.dtype)
+        x = self.in_proj(latents)
+        x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed.to(x.dtype)
         for block in self.blocks:
             x = block(x)
-        x = self.head(self.norm(x))
+        x = self.head(self.norm(x))[:, 1:]  # the CLS token's output is dropped
         normalized = self.unpatchify(x)
         return normalized * self.image_std + self.image_mean
 

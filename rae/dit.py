@@ -133,9 +133,9 @@ class DiT(nn.Module):
 
 
 class DiTDH(nn.Module):
-    """DiT^DH: a DiT trunk turns x_t into per-token conditions s; s <- SiLU(s + t_emb), projected to
-    the head width; the DDT head embeds x_t again and runs wide blocks with per-token adaLN from s;
-    a final per-token adaLN + linear layer outputs the velocity."""
+    """DiT^DH: a DiT trunk (conditioned on SiLU(t_emb + y_emb)) turns x_t into per-token conditions s;
+    s <- SiLU(s + t_emb), projected to the head width; the DDT head embeds x_t again and runs wide
+    blocks with per-token adaLN from s; a final per-token adaLN + linear layer outputs the velocity."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -166,7 +166,9 @@ class DiTDH(nn.Module):
     def trunk(self, x: Tensor, t_emb: Tensor, y: Tensor) -> Tensor:
         """Per-token conditions s (B, N', head_width) for the head."""
         s = self.s_embedder(x) + self.pos_embed
-        c = t_emb + self.y_embedder(y)
+        # The official DiT^DH conditions on SiLU(t + y), and adaLN applies its own SiLU again:
+        # matched for checkpoint compatibility.
+        c = F.silu(t_emb + self.y_embedder(y))
         for block in self.blocks:
             s = block(s, c, self.rope)
         return self.s_projector(F.silu(s + t_emb.unsqueeze(1)))

@@ -8,9 +8,9 @@ from torch import Tensor
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
     """Fixed positions (grid*grid, dim), float32, tokens row-major over the grid.
 
-    The first half of the channels encodes the token's row, the second half its column; each half
-    is sines then cosines over ``dim // 4`` geometric frequencies (base 10000). MAE's and DiT's
-    reference code put the column first, so their tables are this one with the halves swapped.
+    The official RAE (and MAE, DiT) table: the first half of the channels encodes the token's
+    column, the second half its row; each half is sines then cosines over ``dim // 4`` geometric
+    frequencies (base 10000), computed in float64 and rounded once.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
@@ -21,4 +21,4 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
         angles = pos.reshape(-1, 1).double() * omega
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()

@@ -66,8 +66,9 @@ def test_output_is_unnormalized_with_the_encoders_mean_and_std():
 def test_positions_are_fixed_sincos_not_parameters():
     decoder = build_decoder("tiny", latent_channels=8, grid=4)
     assert all("pos_embed" not in name for name, _ in decoder.named_parameters())
-    torch.testing.assert_close(decoder.pos_embed[0], sincos_pos_embed_2d(decoder.config.width, 4))
-    assert torch.unique(decoder.pos_embed[0], dim=0).shape[0] == 16  # every cell is distinct
+    torch.testing.assert_close(decoder.pos_embed[0, 1:], sincos_pos_embed_2d(decoder.config.width, 4))
+    assert torch.unique(decoder.pos_embed[0, 1:], dim=0).shape[0] == 16  # every cell is distinct
+    assert not decoder.pos_embed[0, 0].any()  # the CLS token's row
 
 
 def test_noise_sigma_is_tau_times_uniform_per_sample():

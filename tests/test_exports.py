@@ -63,8 +63,16 @@ def test_an_export_of_an_older_format_is_refused_asking_for_a_re_export(tmp_path
     old = {k: v for k, v in config.items() if k != "latent_spec"}
     (tmp_path / CONFIG_FILE).write_text(json.dumps(dict(old, format=1, encoder={"name": "dinov2-s-offline"})))
     for read in (lambda: read_export_facts(str(tmp_path), "decoder"), lambda: read_export(str(tmp_path))):
-        with pytest.raises(ValueError, match=r"export format 1, this version of rae reads 2 .*re-export it"):
+        with pytest.raises(ValueError, match=r"export format 1, this version of rae reads 3: .*re-export it"):
             read()
+
+
+def test_an_export_from_before_official_parity_is_refused_naming_why(tmp_path):
+    write_export(str(tmp_path), {}, decoder_config())
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(dict(config, format=2)))
+    with pytest.raises(ValueError, match=r"export format 2, .*predate official parity.*rae import"):
+        read_export_facts(str(tmp_path), "decoder")
 
 
 def test_the_wrong_kind_and_a_missing_file_are_named(tmp_path):

@@ -7,8 +7,9 @@ pair (v, x_t) with v = eps - x is jointly Gaussian:
 so the optimal (minimum-MSE) velocity is the Gaussian conditional mean
     v*(x_t, t) = E[eps - x | x_t] = -mu + C_t S_t^{-1} (x_t - (1 - t) mu),
 with conditional covariance Cov(v | x_t) = (I + S) - C_t S_t^{-1} C_t. Integrating dx/dt = v* from
-t = 1 (x ~ N(0, I)) to t = 0 transports N(0, I) exactly onto N(mu, S); what a sampler adds is only
-its discretisation error.
+t = 1 (x ~ N(0, I)) to the grid's last time t_e transports N(0, I) exactly onto N((1 - t_e) mu, S_t_e)
+(the official sampler stops there, t_e = 0.001 unshifted); what a sampler adds is only its
+discretisation error.
 """
 import math
 
@@ -69,26 +70,30 @@ def test_sampler_reproduces_gaussian_data_distribution(method: str, shifted: boo
     times = time_grid(50, latent_dim=PAPER_LATENT_DIM if shifted else None)
     noise = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     samples = integrate(optimal_velocity, noise, times, method)
+    t_end = float(times[-1])
+    mu, sigma = (1 - t_end) * MU, (1 - t_end) ** 2 * SIGMA + t_end**2 * EYE  # exact law at t_end
 
     mean = samples.mean(0)
     cov = torch.cov(samples.T)
     # Sampling error of n independent draws: se(mean_i) = sqrt(S_ii / n),
     # se(cov_ij) = sqrt((S_ii S_jj + S_ij^2) / n). Allow 4.5 standard errors (a false alarm
     # for one of 3 + 9 entries is < 1e-4) plus the discretisation bound.
-    var = torch.diagonal(SIGMA)
+    var = torch.diagonal(sigma)
     mean_tol = 4.5 * torch.sqrt(var / n) + 1e-3
-    cov_tol = 4.5 * torch.sqrt((var[:, None] * var[None, :] + SIGMA**2) / n) + COV_DISCRETISATION[method, shifted]
-    assert torch.all((mean - MU).abs() <= mean_tol), (mean, MU)
-    assert torch.all((cov - SIGMA).abs() <= cov_tol), (cov, SIGMA)
+    cov_tol = 4.5 * torch.sqrt((var[:, None] * var[None, :] + sigma**2) / n) + COV_DISCRETISATION[method, shifted]
+    assert torch.all((mean - mu).abs() <= mean_tol), (mean, mu)
+    assert torch.all((cov - sigma).abs() <= cov_tol), (cov, sigma)
 
 
 @pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2)])
 def test_integrators_converge_at_their_order(method: str, order: int) -> None:
-    root = _Q @ torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)) @ _Q.T  # exact map is SIGMA^(1/2)
-
     def error(steps: int) -> float:
-        a, b = affine_map(method, time_grid(steps))
-        return float((a - root).abs().max() + (b - MU).abs().max())
+        times = time_grid(steps)
+        t = float(times[-1])
+        # The exact map from noise to x_t is affine: S_t^(1/2) noise + (1 - t) mu (S and I commute).
+        root = _Q @ torch.diag(((1 - t) ** 2 * torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64) + t**2).sqrt()) @ _Q.T
+        a, b = affine_map(method, times)
+        return float((a - root).abs().max() + (b - (1 - t) * MU).abs().max())
 
     ratio = error(50) / error(100)
     assert 2**order * 0.8 < ratio < 2**order * 1.25, ratio
@@ -111,26 +116,27 @@ def test_optimal_velocity_attains_the_minimum_training_loss() -> None:
     assert abs(losses.mean() - expected) < 5 * standard_error, (losses.mean(), expected)
 
 
-def test_time_grid_runs_from_noise_to_data_on_the_shifted_grid() -> None:
+def test_time_grid_is_the_official_one_and_stops_at_the_shifted_t_min() -> None:
     times = time_grid(50, latent_dim=PAPER_LATENT_DIM)
-    assert times.shape == (51,)
-    assert times[0] == 1.0 and times[-1] == 0.0
+    assert times.shape == (50,)  # 50 points, 49 steps, no extra step to t = 0
+    assert times[0] == 1.0
     assert torch.all(times[1:] < times[:-1])
     expected_last = shift_timesteps(torch.tensor(0.001, dtype=torch.float64), PAPER_LATENT_DIM)
-    assert torch.isclose(times[-2], expected_last)
-    assert torch.allclose(time_grid(5), torch.tensor([1.0, 0.75025, 0.5005, 0.25075, 0.001, 0.0], dtype=torch.float64))
+    assert torch.isclose(times[-1], expected_last) and 0.0068 < float(times[-1]) < 0.0070
+    assert torch.allclose(time_grid(5), torch.tensor([1.0, 0.75025, 0.5005, 0.25075, 0.001], dtype=torch.float64))
+    with pytest.raises(ValueError, match="grid points"):
+        time_grid(1)
 
 
 def test_euler_is_exact_for_constant_velocity_and_heun_for_velocity_linear_in_t() -> None:
     x1 = torch.randn(4, 6, 3)
     v = torch.randn(4, 6, 3)
     times = time_grid(7, latent_dim=PAPER_LATENT_DIM)
-    assert torch.allclose(integrate(lambda x, t: v, x1, times, "euler"), x1 - v, atol=1e-6)
-    # dx/dt = t * v  =>  x(0) = x(1) - v / 2; Heun (trapezoid) integrates linear-in-t exactly, except
-    # the final Euler step from t_min' to 0, which moves by t_min'^2 * v instead of t_min'^2 / 2 * v.
-    t_min = float(times[-2])
+    t_end = float(times[-1])
+    assert torch.allclose(integrate(lambda x, t: v, x1, times, "euler"), x1 - (1 - t_end) * v, atol=1e-6)
+    # dx/dt = t * v  =>  x(t_e) = x(1) - (1 - t_e^2) v / 2; Heun (trapezoid) integrates linear-in-t exactly.
     out = integrate(lambda x, t: t[:, None, None] * v, x1, times, "heun")
-    assert torch.allclose(out, x1 - v / 2 - t_min**2 / 2 * v, atol=1e-6)
+    assert torch.allclose(out, x1 - (1 - t_end**2) / 2 * v, atol=1e-6)
 
 
 def test_sample_is_deterministic_given_a_generator() -> None:
