@@ -46,8 +46,9 @@ def time_grid(
     latent_dim: int | None = None,
     base_dim: int = SHIFT_BASE_DIM,
 ) -> Tensor:
-    """The official grid: `num_steps` decreasing times (float64) evenly spaced from 1 to t_min, then
-    shifted for a latent of `latent_dim` values (no shift when None).
+    """The official grid: `num_steps` decreasing times evenly spaced from 1 to t_min, then shifted for
+    a latent of `latent_dim` values (no shift when None). Computed in float32 exactly as the official
+    code does (``1 - linspace(0, 1 - t_min)``, then the shift), returned as float64.
 
     The sampler integrates along it and returns the state at its last point (t_min shifted, e.g.
     0.0069 for the 16 x 16 x 768 latent), with no extra step to t = 0: the official samples are
@@ -55,10 +56,10 @@ def time_grid(
     """
     if num_steps < 2:
         raise ValueError(f"num_steps (ODE grid points) must be >= 2, got {num_steps}")
-    t = torch.linspace(1.0, t_min, num_steps, dtype=torch.float64)
+    t = 1 - torch.linspace(0.0, 1 - t_min, num_steps, dtype=torch.float32)
     if latent_dim is not None:
         t = shift_timesteps(t, latent_dim, base_dim)
-    return t
+    return t.double()
 
 
 def integrate(velocity: Velocity, x: Tensor, times: Tensor, method: str = "euler") -> Tensor:
