@@ -14,8 +14,8 @@ import os
 import sys
 
 # Modules that add subcommands, in the order they appear in `rae --help`.
-_COMMAND_MODULES: tuple[str, ...] = ("jobs.demo.run", "jobs.cli.data", "jobs.cli.train", "jobs.cli.sample", "jobs.cli.evaluate", "jobs.cli.submit",
-                                    "jobs.cli.cluster")
+_COMMAND_MODULES: tuple[str, ...] = ("jobs.demo.run", "jobs.cli.data", "jobs.cli.train", "jobs.cli.sample",
+                                    "jobs.cli.evaluate", "jobs.cli.models_io", "jobs.cli.submit", "jobs.cli.cluster")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 

@@ -1,0 +1,57 @@
+"""`rae import` and `rae export`: released checkpoints in, other formats out.
+
+    rae import official --decoder model.pt [--decoder-config ViTXL] --dit stage2_model.pt [--dit-config ditdh-xl]
+                        [--guide stage2_model.pt --guide-config ditdh-s] --stats stat.pt --out DIR
+    rae import diffusers DIR --out OUT
+    rae export diffusers --decoder EXPORT --out DIR
+
+Each prints a JSON summary of what it wrote. Configs: jobs.model_import.OfficialImportConfig,
+jobs.diffusers_io.
+"""
+from __future__ import annotations
+
+import argparse
+
+from jobs.cli.output import emit_json
+from jobs.config_overrides import Flag, add_config_arguments, config_from_args
+
+OFFICIAL_FLAGS = (
+    Flag("out", "export root: writes OUT/decoder, OUT/dit (with the statistics) and OUT/guide"),
+    Flag("decoder", "the released decoder (model.pt: a GeneralDecoder state dict)"),
+    Flag("decoder_config", "ViTB, ViTL, ViTXL (the official configs/decoder/<name>) or a ViTMAE config.json"),
+    Flag("dit", "the released DiT^DH (stage2_model.pt: a state dict, or a checkpoint whose 'ema' entry is one)"),
+    Flag("dit_config", "a preset of the official sizes (ditdh-xl, ditdh-s, dit-xl, ...) or an official stage-2 YAML"),
+    Flag("guide", "the AutoGuidance guide (the released DiT^DH-S stage2_model.pt)"),
+    Flag("guide_config", "the guide's preset or official YAML"),
+    Flag("stats", "the released latent statistics (stat.pt: {'mean', 'var'} of shape (C, H, W))"),
+    Flag("encoder", "the encoder the models were trained on (official: dinov2-b-reg4)"),
+    Flag("encoder_weights", "that encoder's weights file (default: the preset's hub weights)"),
+    Flag("encoder_input_size", "the encoder's input side in px (0: the preset's; official 256 px models: 224)"),
+)
+
+
+def _run_import_official(args: argparse.Namespace) -> int:
+    from jobs.model_import import import_official
+
+    imported = import_official(config_from_args(args))
+    commands = {"sample": f"rae sample --dit {imported.exports['dit']} --decoder {imported.exports['decoder']}"
+                          + (f" --guide {imported.exports['guide']} --guide-scale 1.42" if "guide" in imported.exports
+                             else "") + " --out SAMPLES"} if {"dit", "decoder"} <= set(imported.exports) else {}
+    emit_json({"exports": imported.exports, "latent_spec": imported.latent_spec.to_dict(), **commands})
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.model_import import OfficialImportConfig
+
+    importing = subparsers.add_parser("import", help="convert released checkpoints (official RAE, diffusers) into exports",
+                                      description="Convert released RAE checkpoints into this project's exports, "
+                                                  "which `rae sample` and `rae eval` use unchanged.")
+    kinds = importing.add_subparsers(dest="source", metavar="<source>", required=True)
+    p = kinds.add_parser("official", help="the official RAE release (bytetriper/RAE): decoder, DiT^DH, stats",
+                         description="Convert the official RAE release (decoder model.pt, DiT^DH stage2_model.pt, "
+                                     "stat.pt) into export folders under --out. The latent spec they record is "
+                                     "the configured encoder's (its weights are loaded once for their digest). "
+                                     "Config: jobs.model_import.OfficialImportConfig.")
+    add_config_arguments(p, OfficialImportConfig, OFFICIAL_FLAGS)
+    p.set_defaults(func=_run_import_official)
