@@ -1,6 +1,7 @@
 """The paper's runs ship as YAML configs that load onto the typed defaults without error; every
 command builds its typed config the same way: defaults < --config YAML < flags < --set."""
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from jobs.train.dit import DiTRunConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 
-@pytest.mark.parametrize("name,model,epochs", [("ditdh-xl", "ditdh-xl", 800), ("dit-xl", "dit-xl", 80),
-                                               ("ditdh-s-guide", "ditdh-s", 16)])
+@pytest.mark.parametrize("name,model,epochs", [("ditdh-xl", "ditdh-xl", 800), ("ditdh-xl-1400", "ditdh-xl", 1400),
+                                               ("dit-xl", "dit-xl", 80), ("ditdh-s-guide", "ditdh-s", 14)])
 def test_dit_configs_load(name, model, epochs):
     config = load_config(DiTRunConfig(), str(CONFIGS / f"{name}.yaml"), [])
     assert (config.model, config.loop.epochs, config.loop.global_batch_size) == (model, epochs, 1024)
@@ -24,6 +25,50 @@ def test_dit_configs_load(name, model, epochs):
 def test_headline_config_equals_the_typed_defaults():
     """The defaults are the paper's DiT^DH-XL run; the YAML spells the same run out."""
     assert load_config(DiTRunConfig(), str(CONFIGS / "ditdh-xl.yaml"), []) == DiTRunConfig()
+
+
+OFFICIAL_MIRRORS = {
+    "ditdh-xl": "configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml",
+    "ditdh-xl-1400": "configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml",
+    "ditdh-s-guide": "configs/stage2/training/ImageNet256/DiTDH-S_DINOv2-B.yaml",
+    "decoder-vitxl-dinov2b": "configs/stage1/training/DINOv2-B_decXL.yaml",
+    "sample-ditdh-xl": "configs/stage2/sampling/ImageNet256/DiTDHXL-DINOv2-B.yaml",
+    "sample-ditdh-xl-autoguidance": "configs/stage2/sampling/ImageNet256/DiTDHXL-DINOv2-B_AG.yaml",
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_MIRRORS))
+def test_each_shipped_recipe_names_the_official_file_it_mirrors(name):
+    text = " ".join(line.lstrip("# ") for line in (CONFIGS / f"{name}.yaml").read_text().splitlines()
+                    if line.startswith("#"))
+    assert OFFICIAL_MIRRORS[name] in text
+
+
+def test_the_1400_epoch_official_run_differs_from_the_papers_800_only_in_length():
+    paper = load_config(DiTRunConfig(), str(CONFIGS / "ditdh-xl.yaml"), [])
+    official = load_config(DiTRunConfig(), str(CONFIGS / "ditdh-xl-1400.yaml"), [])
+    assert official.loop.epochs == 1400 and paper.loop.epochs == 800
+    assert official.optim == paper.optim  # the LR reaches 2e-5 at 800 in both, flat after in the 1400 run
+    assert official.optim.schedule(1399) == official.optim.schedule(800) == 2e-5
+    assert dataclasses.replace(official, loop=paper.loop) == paper
+
+
+def test_the_guide_recipe_is_the_released_epoch_14_guide_at_the_official_constant_lr():
+    guide = load_config(DiTRunConfig(), str(CONFIGS / "ditdh-s-guide.yaml"), [])
+    assert (guide.model, guide.loop.epochs) == ("ditdh-s", 14)
+    assert {guide.optim.schedule(e) for e in (0, 7, 13.99)} == {2e-4}
+
+
+def test_sampling_recipes_are_the_official_sampler_and_guidance():
+    plain = built("sample", "--config", str(CONFIGS / "sample-ditdh-xl.yaml"), "--dit", "d", "--decoder", "e",
+                  "--out", "o")
+    assert (plain.num_samples, plain.sampler.method, plain.sampler.num_steps, plain.sampler.t_min) == \
+        (50000, "euler", 50, 0.001)
+    assert (plain.cfg_scale, plain.guide, plain.precision) == (1.0, None, "fp32")
+    guided = built("sample", "--config", str(CONFIGS / "sample-ditdh-xl-autoguidance.yaml"), "--dit", "d",
+                   "--decoder", "e", "--guide", "g", "--out", "o")
+    assert (guided.guide, guided.guide_scale, guided.cfg_interval, guided.sampler) == \
+        ("g", 1.42, (0.0, 1.0), plain.sampler)
 
 
 def test_decoder_config_is_the_papers():
@@ -107,6 +152,8 @@ COMMANDS = {  # argv with the required flags, a field its YAML sets, a field --s
                       lambda c: (c.noise_tau, c.crop)),
     "sample": (["sample", "--dit", "d", "--decoder", "e", "--out", "o"], "num_samples: 5", "sampler.num_steps=7",
                lambda c: (c.num_samples, c.sampler.num_steps)),
+    "import official": (["import", "official", "--out", "o", "--decoder", "d"], "decoder_config: ViTL",
+                        "encoder_input_size=448", lambda c: (c.decoder_config, c.encoder_input_size)),
     "eval": (["eval", "--samples", "a", "--ref", "b"], "inception: offline", "batch_size=7",
              lambda c: (c.inception, c.batch_size)),
     "eval reference": (["eval", "reference", "--shards", "a", "--out", "b", "--inception", "offline"],
