@@ -1,10 +1,11 @@
 """Frozen representation encoders: images in [0, 1] -> a normalised grid of patch tokens.
 
-An encoder is a timm ViT used as the paper does (RAE, section 3): resize the image (bicubic, with
-antialiasing) to the encoder's input size, normalise with the encoder's own mean/std, run the
-trunk, keep the patch tokens only (class and register tokens dropped) and apply the final
-LayerNorm *without* its affine weight and bias. The encoder never trains: its parameters do not
-require gradients and it stays in eval mode whatever `train()` is asked.
+An encoder is a timm ViT used as the paper's official code does (bytetriper/RAE, `RAE.encode` and
+`Dinov2withNorm`): resize the image to the encoder's input size with
+`F.interpolate(mode="bicubic", align_corners=False)` (no antialiasing, no clamping), normalise with
+the encoder's own mean/std, run the trunk, keep the patch tokens only (class and register tokens
+dropped) and apply the final LayerNorm *without* its affine weight and bias. The encoder never
+trains: its parameters do not require gradients and it stays in eval mode whatever `train()` is asked.
 """
 from __future__ import annotations
 
@@ -133,8 +134,8 @@ class RepresentationEncoder(nn.Module):
         size = self.spec.input_size
         x = images.float()
         if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-            x = x.clamp(0.0, 1.0)  # bicubic overshoots; encoders saw 8-bit images in [0, 1]
+            # As the official RAE.encode: plain bicubic, no antialiasing, overshoot kept (no clamp).
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
         tokens = self.trunk.forward_features(x)[:, self.num_prefix_tokens:]
         return F.layer_norm(tokens, (tokens.shape[-1],), eps=self.norm_eps)
