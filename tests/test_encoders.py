@@ -40,10 +40,11 @@ def _photos(size: int, n: int = 2) -> torch.Tensor:
 
 
 def _preprocess(encoder, images):
-    """The paper's recipe, spelled out: bicubic (antialiased) resize, then the encoder's mean/std."""
+    """The official RAE.encode recipe, spelled out: plain bicubic resize (no antialiasing, no clamp),
+    then the encoder's mean/std."""
     size = encoder.spec.input_size
     if images.shape[-1] != size:
-        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
     mean = torch.tensor(encoder.spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(encoder.spec.std).view(1, 3, 1, 1)
     return (images - mean) / std
