@@ -162,7 +162,8 @@ def test_discriminator_loads_backbone_from_a_local_file(tmp_path):
 def test_translation_shifts_by_whole_pixels_within_one_eighth():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 16, 16)
-    y = translation(x, 0.125, generator=g)  # shifts in [-2, 2]
+    u_h, u_w = torch.rand(2, 8, generator=g)
+    y = translation(x, u_h, u_w, 0.125)  # shifts in [-2, 2]
     for i in range(8):
         matches = []
         for dy in range(-2, 3):
