@@ -167,8 +167,10 @@ class DecoderLoss(nn.Module):
         """Hinge loss on DiffAugmented reals and 8-bit-quantised, detached fakes; None before disc_start_epoch."""
         if not self.discriminator_active(epoch):
             return None, {}
-        logits_real = self.discriminator(self.augment(real.detach()))
+        # The official order: the fakes are augmented and classified first, then the reals (the same
+        # random stream and the same spectral-norm power-iteration steps).
         logits_fake = self.discriminator(self.augment(quantize_8bit(fake)))
+        logits_real = self.discriminator(self.augment(real.detach()))
         loss = hinge_d_loss(logits_real, logits_fake)
         logs = {
             "d_loss": loss.detach(),

@@ -198,7 +198,9 @@ class DecoderTask(Task):
 
     def _generator_step(self, pairs: list[Batch], epoch: float, lr: float) -> dict[str, float]:
         self.decoder.train()
-        self.discriminator.train()
+        # As the official trainer: the generator's GAN term reads the discriminator in eval mode (its
+        # spectral norms' power iterations advance only on the discriminator's own steps).
+        self.discriminator.eval()
 
         def loss(pair: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             fake = self.decoder(self.decoder.augment_with_noise(pair["latent"]))
@@ -221,8 +223,10 @@ class DecoderTask(Task):
             return self.loss.discriminator_loss(pair["real"], fake, epoch=epoch)
 
         self.decoder.eval()  # the fakes the discriminator sees: clean latents, no noise augmentation
+        self.discriminator.train()
         local = accumulate_gradients(self.discriminator, pairs, loss, dtype=self.ctx.dtype)
         self.decoder.train()
+        self.discriminator.eval()
         average_gradients(self.discriminator.trainable_parameters())
         outcome = apply_update(self.discriminator, self.disc_optimizer, local.loss, lr=lr,
                                grad_clip=self.config.disc_grad_clip)
