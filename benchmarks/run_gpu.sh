@@ -18,4 +18,5 @@ status=0
 "$python" -m benchmarks.bench_encode_gpu --out "$out/encode_gpu.json" || status=1
 "$python" -m benchmarks.bench_memory --out "$out/memory.json" || status=1
 "$python" -m benchmarks.bench_dit_gpu --budget-s "${DIT_BUDGET_S:-240}" --out "$out/dit_gpu.json" || status=1
+"$python" -m benchmarks.bench_sampling --budget-s "${SAMPLING_BUDGET_S:-180}" --out "$out/sampling.json" || status=1
 exit $status

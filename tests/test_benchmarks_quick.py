@@ -21,6 +21,7 @@ from benchmarks import (
     bench_encode,
     bench_encode_gpu,
     bench_memory,
+    bench_sampling,
     bench_scaling,
     bench_store_read,
     bench_train_step,
@@ -117,6 +118,47 @@ def test_encode_gpu_quick_measures_decode_and_marks_the_gpu_parts(tmp_path):
     assert decode["images_per_s_1_core"] > 0 and decode["images_per_s_all_cores"] > 0
     if not torch.cuda.is_available():
         assert {"actor", "forward", "bottleneck"} <= set(record["not_run"])
+
+
+def test_sampling_quick_runs_the_sampler_and_projects_from_the_measured_training_rate(tmp_path):
+    from rae.sampling import time_grid
+
+    record = run_quick(bench_sampling, tmp_path)
+    results = record["results"]
+    flops = results["flops_per_image"]
+    evals = len(time_grid(50, latent_dim=16 * 16 * 768)) - 1  # the official grid: 50 points, 49 steps
+    assert flops["model_evaluations"] == evals == 49
+    dit, guide, decoder = (flops[f"{k}_forward_gflops"] for k in ("dit", "guide", "decoder"))
+    assert dit == pytest.approx(forward_flops_per_image(config_of("ditdh-xl")) / 1e9)
+    assert guide < dit and 0 < decoder < dit
+    assert flops["per_sample_gflops"]["unguided"] == pytest.approx(evals * dit + decoder)
+    projection = results["projection"]
+    noise = projection["noise_s_per_image"]
+    assert noise == results["host_noise"]["s_per_image"] > 0
+    for precision in ("bf16", "fp32", "bf16_eager"):
+        table = projection[precision]
+        basis = projection["basis"][precision]
+        for variant in bench_sampling.VARIANTS:
+            row = table[variant]
+            assert row["gpu_only_images_per_s"] == pytest.approx(
+                basis["achieved_tflops"] * 1e3 / flops["per_sample_gflops"][variant])
+            assert 1 / row["images_per_s"] == pytest.approx(1 / row["gpu_only_images_per_s"] + noise)
+            assert row["gpu_hours_50k"] == pytest.approx(50_000 / row["images_per_s"] / 3600)
+        unguided, autoguidance, cfg = (table[v]["gpu_only_images_per_s"] for v in bench_sampling.VARIANTS)
+        # AutoGuidance adds the guide's forward to each of the 49 steps; CFG doubles the DiT's batch.
+        assert unguided / autoguidance == pytest.approx((evals * (dit + guide) + decoder) / (evals * dit + decoder))
+        assert unguided / cfg == pytest.approx((2 * evals * dit + decoder) / (evals * dit + decoder))
+        assert 1.95 < unguided / cfg < 2
+    assert projection["basis"]["bf16"]["fraction_of_measured_bf16_peak"] == pytest.approx(0.472, abs=0.001)
+    rates = {p: projection[p]["unguided"]["images_per_s"] for p in ("bf16", "bf16_eager", "fp32")}
+    assert rates["bf16"] > rates["bf16_eager"] > rates["fp32"]
+    if not torch.cuda.is_available():
+        assert "no CUDA" in record["not_run"]["throughput"]
+        runs = results["cpu_sampling"]  # the measured path itself (ImageSampler, tiny models) still runs
+        assert {key.split()[0] for key in runs} == set(bench_sampling.VARIANTS)
+        for row in runs.values():
+            assert row["images_per_s"] > 0
+            assert row["image_shape"] == [row["batch"], 64, 64, 3] and row["image_dtype"] == "uint8"
 
 
 def test_scaling_quick_projects_imagenet_and_says_what_it_left_out(tmp_path):
