@@ -141,6 +141,21 @@ def projection(flops: dict, noise_s_per_image: float, noise_from: str, results_d
         table["autoguidance_over_unguided_time"] = table["unguided"]["images_per_s"] / table["autoguidance"]["images_per_s"]
         table["cfg_over_unguided_time"] = table["unguided"]["images_per_s"] / table["cfg"]["images_per_s"]
         out[precision] = table
+    # TF32 (the official sampler's fp32 mode) was not measured: projected at the bf16 step's MFU of the TF32
+    # tensor-core peak, which is half the bf16 one on Hopper (H100/H200 SXM datasheets: 494.7 vs 989.4 TFLOP/s).
+    tf32_achieved = bases["bf16"]["achieved_tflops"] * 1e12 / 2
+    bases["tf32"] = {"variant": "projected from the bf16 row at half the tensor-core peak",
+                     "achieved_tflops": tf32_achieved / 1e12, "fraction_of_measured_bf16_peak": tf32_achieved / peak}
+    table = {}
+    for variant, cost in per_sample.items():
+        gpu_s = cost / tf32_achieved
+        rate = 1 / (gpu_s + noise_s_per_image)
+        table[variant] = {"images_per_s": rate, "gpu_hours_50k": SAMPLES / rate / 3600,
+                          "gpu_only_images_per_s": 1 / gpu_s, "gpu_only_gpu_hours_50k": SAMPLES * gpu_s / 3600,
+                          "noise_share": noise_s_per_image * rate}
+    table["autoguidance_over_unguided_time"] = table["unguided"]["images_per_s"] / table["autoguidance"]["images_per_s"]
+    table["cfg_over_unguided_time"] = table["unguided"]["images_per_s"] / table["cfg"]["images_per_s"]
+    out["tf32"] = table
     evals = flops["model_evaluations"]
     assumptions = {
         "flops": f"a sample costs {evals} forward passes of the DiT (of the DiT and the guide with AutoGuidance; "
@@ -168,6 +183,10 @@ def projection(flops: dict, noise_s_per_image: float, noise_from: str, results_d
                      f"(H100/H200 SXM datasheet ~67 TFLOP/s; the step reached ~63% of it): a forward pass is the same "
                      f"matmuls, compilation gains little where matmuls dominate this much, and the sample job's "
                      f"default fp32 batch of 32 (8,192 rows) is a large GEMM for FP32 units",
+        "tf32_rate": "tf32 (fp32 weights and activations, TF32 tensor-core matmuls: the official sample_ddp.py "
+                     "default and `rae sample`'s) is not measured; it is projected at the bf16 step's MFU of the TF32 "
+                     "peak, half the bf16 one on Hopper. The matmuls are the same; TF32 moves twice the bytes per "
+                     "operand, so memory-bound kernels cost more than in bf16 and this is an upper bound",
         "bf16_eager": "bf16_eager is what `rae sample` runs today: it loads exports with "
                       "jobs.train.export.load_exported_model and does not compile; projected from the eager "
                       "bf16 training row the same way",
@@ -282,7 +301,8 @@ def time_sampling(built: dict, variant: str, precision: str, batch: int, *, devi
 # fp32 (the paper's FID precision) at the sample job's default batch of 32; compile=off is `rae sample`
 # as shipped (it loads exports without compiling). Estimated for an H200 (the projection's batch times, ~20 s
 # of compilation per run as the trainer's first step took): --budget-s 180 starts the first five, ~4 min in all.
-GPU_RUNS = [("unguided", "bf16", 256, True), ("autoguidance", "bf16", 256, True), ("unguided", "fp32", 32, True),
+GPU_RUNS = [("unguided", "bf16", 256, True), ("autoguidance", "bf16", 256, True), ("unguided", "tf32", 32, True),
+            ("autoguidance", "tf32", 32, True), ("unguided", "fp32", 32, True),
             ("autoguidance", "fp32", 32, True), ("cfg", "bf16", 256, True), ("unguided", "bf16", 256, False),
             ("cfg", "fp32", 32, True)]
 # Quick: every variant in fp32, and bf16 (the autocast path) unguided; tiny presets, batch 2.

@@ -13,6 +13,8 @@ the job always forms the same batches (see ``pipelines/sample_job.py``).
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,6 +36,22 @@ def item_seed(seed: int, index: int) -> int:
 
 # ---------------------------------------------------------------- images from items
 
+# fp32: full-precision matmuls; tf32: fp32 weights and activations with TF32 tensor-core matmuls on CUDA (the
+# official sampler's default, `--tf32`; the same as fp32 on a CPU); bf16: autocast.
+PRECISIONS = ("tf32", "fp32", "bf16")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """TF32 matmuls (and cuDNN convolutions) inside the block when ``precision`` is "tf32", full fp32 otherwise."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 @dataclass(frozen=True)
 class Guidance:
     """CFG (scale != 1, no guide) or AutoGuidance (a guide model); scale 1 and no guide: none."""
@@ -49,8 +67,8 @@ class ImageSampler:
     def __init__(self, dit: nn.Module, decoder: nn.Module, stats: LatentStats, *, sampler: SamplerConfig,
                  guidance: Guidance, num_classes: int, guide: nn.Module | None = None,
                  device: torch.device | str = "cpu", precision: str = "fp32"):
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.dit, self.decoder, self.guide, self.stats = dit, decoder, guide, stats
         self.sampler, self.guidance, self.num_classes = sampler, guidance, num_classes
         self.device, self.precision = torch.device(device), precision
@@ -80,13 +98,15 @@ class ImageSampler:
         latent_dim = self.shape[0] * self.shape[1] if self.sampler.shift else None
         times = time_grid(self.sampler.num_steps, t_min=self.sampler.t_min, latent_dim=latent_dim,
                           base_dim=self.sampler.shift_base_dim)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"), \
+                matmul_precision(self.precision):
             z = integrate(self._velocity(y), x, times, self.sampler.method)
         return self.stats.denormalize(z.float())
 
     @torch.no_grad()
     def __call__(self, labels: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """uint8 images (B, H, W, 3), rounded to nearest as a saved image would be."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"), \
+                matmul_precision(self.precision):
             images = self.decoder(self.latents(labels, seeds))
         return to_uint8_images(images).cpu().numpy()

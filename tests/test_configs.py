@@ -64,7 +64,7 @@ def test_sampling_recipes_are_the_official_sampler_and_guidance():
                   "--out", "o")
     assert (plain.num_samples, plain.sampler.method, plain.sampler.num_steps, plain.sampler.t_min) == \
         (50000, "euler", 50, 0.001)
-    assert (plain.cfg_scale, plain.guide, plain.precision) == (1.0, None, "fp32")
+    assert (plain.cfg_scale, plain.guide, plain.precision) == (1.0, None, "tf32")
     guided = built("sample", "--config", str(CONFIGS / "sample-ditdh-xl-autoguidance.yaml"), "--dit", "d",
                    "--decoder", "e", "--guide", "g", "--out", "o")
     assert (guided.guide, guided.guide_scale, guided.cfg_interval, guided.sampler) == \

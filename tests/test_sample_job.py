@@ -225,3 +225,16 @@ def test_gpu_request_without_gpus_fails_fast(exports, tmp_path):
     with pytest.raises(RuntimeError, match="need 1 GPU each but none started within 3s"):
         run_sampling(config(exports, tmp_path / "gpu", device="gpu", gpu_wait_s=3), loader=load_exported_model)
     assert time.monotonic() - start < 60
+
+
+def test_tf32_precision_turns_tf32_matmuls_on_only_inside_and_restores_the_flags():
+    from pipelines.sample_models import matmul_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with matmul_precision("tf32"):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with matmul_precision("fp32"):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with pytest.raises(ValueError, match="precision must be one of tf32, fp32, bf16, got 'fp16'"):
+        dataclasses.replace(SampleConfig(dit="d", decoder="e", out="o"), precision="fp16")
