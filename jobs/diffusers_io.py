@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from jobs.config_overrides import REQUIRED
 from jobs.train.export import load_exported_model
 from pipelines import storage
 from pipelines.exports import read_export_facts, write_export
@@ -208,3 +210,22 @@ def _save_pretrained(fields: dict[str, Any], state: dict[str, torch.Tensor], out
     model.load_state_dict(state, strict=True, assign=True)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands' configs (`rae import diffusers`, `rae export diffusers`)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiffusersImportConfig:
+    source: str = REQUIRED      # the AutoencoderRAE folder (config.json + weights), local
+    out: str = REQUIRED         # the decoder export to write (path or URL)
+    encoder: str = ""           # the project encoder preset the folder's encoder is; "": the first that fits
+
+
+@dataclass(frozen=True)
+class DiffusersExportConfig:
+    decoder: str = REQUIRED     # the decoder export
+    out: str = REQUIRED         # the AutoencoderRAE folder to write, local
+    encoder_weights: str = ""   # the encoder weights its latents came from; "": the preset's own
+    stats: str = ""             # latent statistics (stats.safetensors) for the folder's latents_mean/std

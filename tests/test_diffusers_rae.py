@@ -53,10 +53,10 @@ def project_tokens(encoder, images: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(tokens, (tokens.shape[-1],), eps=encoder.norm_eps)
 
 
-def flat_images(n: int, size: int) -> torch.Tensor:
-    """One colour per image: every bicubic resize (antialiased or not) keeps it, so the full encode paths
-    of diffusers and the project see the same encoder input."""
-    return torch.rand(n, 3, 1, 1).expand(n, 3, size, size).contiguous()
+def random_images(n: int, size: int) -> torch.Tensor:
+    """Random pixels at the crop size: the project's resize to the encoder's input is the official (and
+    diffusers') plain bicubic, so the full encode paths agree on any image."""
+    return torch.rand(n, 3, size, size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,9 +111,9 @@ def test_an_imported_encoder_has_the_export_digest_and_encodes_as_diffusers_does
         ref = diffusers_model.encode(images).latent
         out = latents_to_diffusers(stats.normalize(project_tokens(encoder, images)))
         assert relative_error(out, ref) < TOLERANCE
-        flat = flat_images(2, 256)  # the project's image size: both resize to 224
-        ref = diffusers_model.encode(flat).latent
-        out = latents_to_diffusers(stats.normalize(encoder(flat)))
+        images256 = random_images(2, 256)  # the project's image size: both resize to 224
+        ref = diffusers_model.encode(images256).latent
+        out = latents_to_diffusers(stats.normalize(encoder(images256)))
     assert relative_error(out, ref) < TOLERANCE
 
 
@@ -151,13 +151,13 @@ def test_an_exported_folder_decodes_and_encodes_the_project_latents(project, tmp
     stats, encoder = project["stats"], project["encoder"]
     latents = torch.randn(2, GRID * GRID, CHANNELS)
     images = torch.rand(2, 3, 224, 224)
-    flat = flat_images(2, 256)
+    images256 = random_images(2, 256)
     with torch.no_grad():
         assert relative_error(model.decode(latents_to_diffusers(stats.normalize(latents))).sample,
                               project["decoder"](latents)) < TOLERANCE
         assert relative_error(model.encode(images).latent,
                               latents_to_diffusers(stats.normalize(project_tokens(encoder, images)))) < TOLERANCE
-        assert relative_error(model.encode(flat).latent, latents_to_diffusers(stats.normalize(encoder(flat)))) < TOLERANCE
+        assert relative_error(model.encode(images256).latent, latents_to_diffusers(stats.normalize(encoder(images256)))) < TOLERANCE
 
 
 def test_without_statistics_the_exported_folder_takes_raw_latents(project, tmp_path):
@@ -290,3 +290,20 @@ def test_an_encoder_without_registers_is_not_diffusers_dinov2():
     encoder = load_encoder("dinov2-s-offline", random_init=True, device="meta")
     assert diffusers_rae.encoder_mismatches(encoder.trunk, encoder.norm_eps) == [
         "register tokens: 0, diffusers' DINOv2 has 4", "class token position row: True, diffusers' DINOv2 has False"]
+
+
+def test_the_cli_round_trip_export_then_import_gives_the_same_decoder(project, tmp_path, capsys):
+    from jobs.cli.app import main
+
+    root = project["root"]
+    assert main(["export", "diffusers", "--decoder", str(root / "export"), "--out", str(tmp_path / "rae"),
+                 "--encoder-weights", str(root / "encoder.safetensors"), "--stats", str(root / "stats.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["encoder"] == ENCODER
+    assert main(["import", "diffusers", str(tmp_path / "rae"), "--out", str(tmp_path / "back")]) == 0
+    assert json.loads(capsys.readouterr().out)["export"] == str(tmp_path / "back")
+    decoder = load_exported_model(str(tmp_path / "back"))[0]
+    latents = torch.randn(2, GRID * GRID, CHANNELS)
+    with torch.no_grad():
+        assert relative_error(decoder(latents), project["decoder"](latents)) < TOLERANCE
+    assert main(["import", "diffusers", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err

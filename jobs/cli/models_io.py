@@ -41,7 +41,38 @@ def _run_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+DIFFUSERS_IMPORT_FLAGS = (
+    Flag("source", "an AutoencoderRAE folder (config.json + weights, as save_pretrained writes it)", positional=True),
+    Flag("out", "the decoder export to write; its encoder weights and latent statistics go beside it"),
+    Flag("encoder", "the project encoder preset the folder's encoder is (default: the first that fits)"),
+)
+DIFFUSERS_EXPORT_FLAGS = (
+    Flag("decoder", "a decoder export (rae train decoder, rae import)"),
+    Flag("out", "the AutoencoderRAE folder to write"),
+    Flag("encoder_weights", "the weights of the encoder its latents came from (default: the preset's own)"),
+    Flag("stats", "latent statistics (a stats.safetensors) to store as the folder's latents_mean/std"),
+)
+
+
+def _run_import_diffusers(args: argparse.Namespace) -> int:
+    from jobs.diffusers_io import import_diffusers
+
+    config = config_from_args(args)
+    emit_json(import_diffusers(config.source, config.out, encoder=config.encoder or None))
+    return 0
+
+
+def _run_export_diffusers(args: argparse.Namespace) -> int:
+    from jobs.diffusers_io import export_diffusers
+
+    config = config_from_args(args)
+    emit_json(export_diffusers(config.decoder, config.out, encoder_weights=config.encoder_weights or None,
+                               stats=config.stats or None))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.diffusers_io import DiffusersExportConfig, DiffusersImportConfig
     from jobs.model_import import OfficialImportConfig
 
     importing = subparsers.add_parser("import", help="convert released checkpoints (official RAE, diffusers) into exports",
@@ -55,3 +86,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "Config: jobs.model_import.OfficialImportConfig.")
     add_config_arguments(p, OfficialImportConfig, OFFICIAL_FLAGS)
     p.set_defaults(func=_run_import_official)
+    p = kinds.add_parser("diffusers", help="a diffusers AutoencoderRAE folder: its decoder as an export",
+                         description="Convert a diffusers AutoencoderRAE folder into a decoder export, with its "
+                                     "encoder's weights (timm layout, encoder.safetensors) and its latent "
+                                     "normalisation (stats.safetensors) beside it. Config: "
+                                     "jobs.diffusers_io.DiffusersImportConfig.")
+    add_config_arguments(p, DiffusersImportConfig, DIFFUSERS_IMPORT_FLAGS)
+    p.set_defaults(func=_run_import_diffusers)
+
+    exporting = subparsers.add_parser("export", help="write a trained decoder in another format (diffusers)",
+                                      description="Write this project's models in other formats.")
+    formats = exporting.add_subparsers(dest="format", metavar="<format>", required=True)
+    p = formats.add_parser("diffusers", help="a decoder export, its encoder and statistics as an AutoencoderRAE folder",
+                           description="Write a decoder export with the encoder its latents came from (and "
+                                       "optionally their statistics) as a folder that "
+                                       "diffusers.AutoencoderRAE.from_pretrained loads. Config: "
+                                       "jobs.diffusers_io.DiffusersExportConfig.")
+    add_config_arguments(p, DiffusersExportConfig, DIFFUSERS_EXPORT_FLAGS)
+    p.set_defaults(func=_run_export_diffusers)
