@@ -118,6 +118,20 @@ def host_noise(batch: int, repeats: int, shape: tuple[int, int] = (256, 768)) ->
 
 # ---------------------------------------------------------------- projection
 
+def rate_table(per_sample: dict[str, float], achieved: float, noise_s_per_image: float) -> dict:
+    """Images/s and GPU-hours per 50k of each variant at ``achieved`` FLOP/s, host noise added."""
+    table = {}
+    for variant, cost in per_sample.items():
+        gpu_s = cost / achieved
+        rate = 1 / (gpu_s + noise_s_per_image)
+        table[variant] = {"images_per_s": rate, "gpu_hours_50k": SAMPLES / rate / 3600,
+                          "gpu_only_images_per_s": 1 / gpu_s, "gpu_only_gpu_hours_50k": SAMPLES * gpu_s / 3600,
+                          "noise_share": noise_s_per_image * rate}
+    table["autoguidance_over_unguided_time"] = table["unguided"]["images_per_s"] / table["autoguidance"]["images_per_s"]
+    table["cfg_over_unguided_time"] = table["unguided"]["images_per_s"] / table["cfg"]["images_per_s"]
+    return table
+
+
 def projection(flops: dict, noise_s_per_image: float, noise_from: str, results_dir: Path = RESULTS_DIR) -> dict:
     """Images/s and GPU-hours for 50k samples on one GPU, from bench_dit_gpu's measured training FLOP/s."""
     path = results_dir / "dit_gpu.json"
@@ -131,31 +145,13 @@ def projection(flops: dict, noise_s_per_image: float, noise_from: str, results_d
         achieved = row["tflops"] * 1e12  # images/s x 3 x analytic forward FLOPs (bench_dit_gpu)
         bases[precision] = {"variant": key, "train_images_per_s": row["images_per_s"], "achieved_tflops": achieved / 1e12,
                             "fraction_of_measured_bf16_peak": achieved / peak}
-        table = {}
-        for variant, cost in per_sample.items():
-            gpu_s = cost / achieved
-            rate = 1 / (gpu_s + noise_s_per_image)
-            table[variant] = {"images_per_s": rate, "gpu_hours_50k": SAMPLES / rate / 3600,
-                              "gpu_only_images_per_s": 1 / gpu_s, "gpu_only_gpu_hours_50k": SAMPLES * gpu_s / 3600,
-                              "noise_share": noise_s_per_image * rate}
-        table["autoguidance_over_unguided_time"] = table["unguided"]["images_per_s"] / table["autoguidance"]["images_per_s"]
-        table["cfg_over_unguided_time"] = table["unguided"]["images_per_s"] / table["cfg"]["images_per_s"]
-        out[precision] = table
+        out[precision] = rate_table(per_sample, achieved, noise_s_per_image)
     # TF32 (the official sampler's fp32 mode) was not measured: projected at the bf16 step's MFU of the TF32
     # tensor-core peak, which is half the bf16 one on Hopper (H100/H200 SXM datasheets: 494.7 vs 989.4 TFLOP/s).
     tf32_achieved = bases["bf16"]["achieved_tflops"] * 1e12 / 2
     bases["tf32"] = {"variant": "projected from the bf16 row at half the tensor-core peak",
                      "achieved_tflops": tf32_achieved / 1e12, "fraction_of_measured_bf16_peak": tf32_achieved / peak}
-    table = {}
-    for variant, cost in per_sample.items():
-        gpu_s = cost / tf32_achieved
-        rate = 1 / (gpu_s + noise_s_per_image)
-        table[variant] = {"images_per_s": rate, "gpu_hours_50k": SAMPLES / rate / 3600,
-                          "gpu_only_images_per_s": 1 / gpu_s, "gpu_only_gpu_hours_50k": SAMPLES * gpu_s / 3600,
-                          "noise_share": noise_s_per_image * rate}
-    table["autoguidance_over_unguided_time"] = table["unguided"]["images_per_s"] / table["autoguidance"]["images_per_s"]
-    table["cfg_over_unguided_time"] = table["unguided"]["images_per_s"] / table["cfg"]["images_per_s"]
-    out["tf32"] = table
+    out["tf32"] = rate_table(per_sample, tf32_achieved, noise_s_per_image)
     evals = flops["model_evaluations"]
     assumptions = {
         "flops": f"a sample costs {evals} forward passes of the DiT (of the DiT and the guide with AutoGuidance; "
