@@ -111,3 +111,34 @@ def test_the_autoscalers_own_launch_failure_reason_is_read_from_its_status(ray_c
         assert "node types: cpu (CPU=1) up to 2, gpu (CPU=1, GPU=1) up to 2" in message
     finally:
         _internal_kv_del(ray_constants.DEBUG_AUTOSCALING_STATUS)
+
+
+def test_the_gpu_request_is_merged_with_other_autoscaling_clients_and_withdrawn(ray_cluster):
+    """Ray Data jobs and Ray Train's elastic policy ask the autoscaler through Ray's detached
+    coordinator, which re-sends the merged requests of its clients and so overwrote a direct
+    `request_resources`: the training launch waited for GPUs the autoscaler was never asked for.
+    The launch's request goes through the coordinator: it stands beside another client's, and
+    leaves it in place when withdrawn."""
+    import json
+
+    from polling import wait_until
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import DefaultAutoscalingCoordinator
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from jobs.train.launch import _GpuRequest
+
+    def requested() -> list[dict]:  # what the autoscaler monitor reads
+        raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+        return json.loads(raw) if raw else []
+
+    request = _GpuRequest(2, expire_after_s=120)
+    wait_until(lambda: requested().count({"GPU": 1}) == 2, 60, "the GPU request reaching the autoscaler")
+    data_job = DefaultAutoscalingCoordinator(requester_id="a-ray-data-job")  # what a Ray Data execution does
+    data_job.request_resources([{"CPU": 1}], expire_after_s=120)
+    wait_until(lambda: {"CPU": 1} in requested() and requested().count({"GPU": 1}) == 2, 60,
+               "both requests standing together")
+    request.cancel()
+    wait_until(lambda: {"GPU": 1} not in requested() and {"CPU": 1} in requested(), 60,
+               "the GPU request withdrawn, the other kept")
+    data_job.cancel_request()

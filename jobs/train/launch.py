@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,12 +68,42 @@ def plan_workers(num_workers: int | tuple[int, int] | str, device: str, capacity
     return WorkerPlan(use_gpu=use_gpu, num_workers=parse_count_range(num_workers, "--num-workers"), capacity=capacity)
 
 
+class _GpuRequest:
+    """A standing request to the autoscaler for GPUs, made through Ray's autoscaling coordinator.
+
+    ``ray.autoscaler.sdk.request_resources`` replaces the cluster's whole request, and once a Ray
+    Data job has run on the cluster its detached coordinator actor re-sends the merged requests of
+    its clients every 20 s, clobbering a direct request (seen: the GPU request gone 2 s after it was
+    made, no node ever launched). Ray Data and Ray Train's elastic policy ask through the coordinator,
+    so the request goes there too and is merged with theirs; a Ray without it gets the direct call.
+    """
+
+    def __init__(self, count: int, expire_after_s: float):
+        bundles = [{"GPU": 1}] * count
+        try:
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                DefaultAutoscalingCoordinator,
+            )
+        except ImportError:  # an older or newer Ray: the SDK call is the public interface
+            from ray.autoscaler.sdk import request_resources
+
+            self._coordinator = None
+            request_resources(bundles=bundles)
+            self._cancel = lambda: request_resources(bundles=[])
+            return
+        self._coordinator = DefaultAutoscalingCoordinator(requester_id=f"rae-train-gpus-{uuid.uuid4().hex[:8]}")
+        self._coordinator.request_resources(bundles, expire_after_s=expire_after_s)
+        self._cancel = self._coordinator.cancel_request
+
+    def cancel(self) -> None:
+        self._cancel()
+
+
 def wait_for_gpus(count: int, wait_s: float, capacity: ClusterCapacity) -> None:
     """Ask the autoscaler for ``count`` GPUs and wait until they are up; after ``wait_s`` fail with
     the autoscaler's own reason when it reports one. The request is withdrawn either way (the
     run's placement group holds the GPUs from then on)."""
     import ray
-    from ray.autoscaler.sdk import request_resources
 
     def gpus_up() -> float:
         return ray.cluster_resources().get("GPU", 0)
@@ -81,7 +112,7 @@ def wait_for_gpus(count: int, wait_s: float, capacity: ClusterCapacity) -> None:
         return
     log.info("waiting up to %gs for %d GPU(s) while the autoscaler adds GPU nodes (%d up)", wait_s, count, gpus_up())
     start = time.monotonic()
-    request_resources(bundles=[{"GPU": 1}] * count)
+    request = _GpuRequest(count, expire_after_s=wait_s + 60)
     try:
         while gpus_up() < count:
             if time.monotonic() - start > wait_s:
@@ -94,7 +125,7 @@ def wait_for_gpus(count: int, wait_s: float, capacity: ClusterCapacity) -> None:
             time.sleep(1.0)
         log.info("%d GPU(s) up after %.0fs", gpus_up(), time.monotonic() - start)
     finally:
-        request_resources(bundles=[])
+        request.cancel()
 
 
 def storage_location(url: str) -> tuple[str, Any]:
