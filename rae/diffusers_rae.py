@@ -25,18 +25,13 @@ project normalises (z - mean) / sqrt(var + eps) in (B, N, C) (`rae.normalization
 conversion is exact: sqrt(var + eps) = (latents_std + 1e-5) / scaling_factor, broadcast to (N, C).
 
 Encoder (``encoder.*``, transformers' `Dinov2WithRegistersModel` built for 518 px, 4 registers, heads of
-64 channels, LayerNorm eps 1e-6, the final norm without affine) <-> the timm trunk of a ``dinov2-*-reg4``
-preset. In ``encoder.layer.i`` (names as transformers 4 and the hub save them):
-``attention.attention.{query,key,value}`` (transformers 5 holds them as ``attention.{q,k,v}_proj``) -> ``blocks.i.attn.qkv``,
-``attention.output.dense`` (``o_proj``) -> ``attn.proj``, ``layer_scale{1,2}.lambda1`` ->
-``ls{1,2}.gamma``, ``embeddings.register_tokens`` -> ``reg_token``. transformers keeps the 518 px table
-(a class row and 37x37 patch rows) and resamples the patch rows to the input grid on every forward
-(bicubic, antialiased, float32); timm's trunk holds the table at the input grid and gives the class
-token no position row, so the class row is added into ``cls_token``. Import makes transformers' call
-once (exact). Export needs a 37x37 table that transformers' resampling maps onto the trunk's grid table:
-the least-norm preimage under that (linear, full-rank) resampling; exact up to float32 rounding at the
-export's input size, but not the original DINOv2 table, so at other input sizes the exported encoder
-differs from the original.
+64 channels, LayerNorm eps 1e-6, the final norm without affine; its keys are that model's under
+``encoder.``, without ``layernorm.*``) <-> the timm trunk of a ``dinov2-*-reg4`` preset. The mapping both
+ways, names and positions, is `rae.hf_dinov2`'s (`state_dict_from_hf_dinov2`, `state_dict_to_hf_dinov2`):
+import resamples transformers' 37x37 table to the input grid once, as transformers does on every
+forward (exact); export writes the least-norm 37x37 preimage of the trunk's grid table under that
+resampling, exact up to float32 rounding at the export's input size, but not the original DINOv2 table,
+so at other input sizes the exported encoder differs from the original.
 """
 from __future__ import annotations
 
@@ -46,11 +41,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rae.decoder import DECODER_PRESETS, DecoderConfig
 from rae.encoders import ENCODER_PRESETS, EncoderSpec, load_encoder
+from rae.hf_dinov2 import in_memory_name, state_dict_from_hf_dinov2, state_dict_to_hf_dinov2
 from rae.image_tensors import IMAGENET_MEAN, IMAGENET_STD
 from rae.latent_spec import PIXELS_PER_TOKEN
 from rae.normalization import DEFAULT_EPS, LatentStats
@@ -331,102 +326,33 @@ def decoder_to_diffusers(config: DecoderConfig, state: Mapping[str, Tensor]) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoder
+# Encoder: transformers' DINOv2 under "encoder."; the key and position mapping is rae.hf_dinov2's
 # ----------------------------------------------------------------------------------------------
 
-_IN_MEMORY_NAMES = {  # transformers 5's in-memory attention names -> the names 4.x and the hub use
-    "attention.q_proj.": "attention.attention.query.",
-    "attention.k_proj.": "attention.attention.key.",
-    "attention.v_proj.": "attention.attention.value.",
-    "attention.o_proj.": "attention.output.dense.",
-}
-_ENCODER_LAYER = {  # timm name in blocks.i -> transformers name in encoder.encoder.layer.i (saved names)
-    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
-    "attn.proj.weight": "attention.output.dense.weight", "attn.proj.bias": "attention.output.dense.bias",
-    "ls1.gamma": "layer_scale1.lambda1",
-    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
-    "ls2.gamma": "layer_scale2.lambda1",
-}
-_ENCODER_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
-_ENCODER_TOP = {
-    "patch_embed.proj.weight": "encoder.embeddings.patch_embeddings.projection.weight",
-    "patch_embed.proj.bias": "encoder.embeddings.patch_embeddings.projection.bias",
-    "reg_token": "encoder.embeddings.register_tokens",
-}
-_CLS, _POSITIONS, _MASK = ("encoder.embeddings.cls_token", "encoder.embeddings.position_embeddings",
-                           "encoder.embeddings.mask_token")
-# The final LayerNorm's affine: diffusers removes it (RAE uses the norm without), so saved copies are unused.
-_ENCODER_IGNORED = ("encoder.layernorm.weight", "encoder.layernorm.bias")
+_ENCODER_PREFIX = "encoder."
 
 
 def encoder_keys_in_memory(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``encoder.*`` attention keys under transformers 5's in-memory names (what a 5.x model loads)."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("encoder."):
-            for in_memory, saved in _IN_MEMORY_NAMES.items():
-                key = key.replace(saved, in_memory)
-        out[key] = value
-    return out
+    return {in_memory_name(k) if k.startswith(_ENCODER_PREFIX) else k: v for k, v in state.items()}
 
 
 def encoder_from_diffusers(state: Mapping[str, Tensor], config: DiffusersRAEConfig, where: str) -> dict[str, Tensor]:
     """The timm trunk state dict (a ``dinov2-*-reg4`` at the config's input grid) of diffusers' encoder,
     positions resampled to the grid as transformers does on every forward."""
-    saved = _saved_names({k: v for k, v in state.items() if k.startswith("encoder.") and k not in _ENCODER_IGNORED})
-    names, qkv = _encoder_names(config.encoder_num_hidden_layers)
-    expected = set(names.values()) | {k for parts in qkv.values() for k in parts} | {_CLS, _POSITIONS, _MASK}
-    _check_keys(set(saved), expected, f"{where}: the encoder weights (of {config.encoder_num_hidden_layers} "
-                                      f"layers, as its config says)")
-    out = {timm: saved[name].float() for timm, name in names.items()}
-    out.update({timm: torch.cat([saved[k].float() for k in parts]) for timm, parts in qkv.items()})
-    table = saved[_POSITIONS].float()
-    out["cls_token"] = saved[_CLS].float() + table[:, :1]  # timm's no_embed_class: the class position folded in
-    out["pos_embed"] = resample_positions(table[:, 1:], config.grid)
-    return out
+    hf = {k[len(_ENCODER_PREFIX):]: v.float() for k, v in state.items() if k.startswith(_ENCODER_PREFIX)}
+    layers = config.encoder_num_hidden_layers
+    return state_dict_from_hf_dinov2(
+        hf, (config.grid, config.grid), depth=layers, registers=True, final_norm=False,
+        source=f"{where}: the encoder weights (under {_ENCODER_PREFIX!r}, {layers} layers as its config says)")
 
 
 def encoder_to_diffusers(trunk_state: Mapping[str, Tensor], depth: int, table_side: int) -> dict[str, Tensor]:
     """The ``encoder.*`` state dict (saved names; see `encoder_keys_in_memory`) of a timm ``dinov2-*-reg4``
     trunk: its grid table replaced by the ``table_side`` x ``table_side`` table transformers resamples onto it."""
-    names, qkv = _encoder_names(depth)
-    _check_keys(set(trunk_state), {*names, *qkv, "cls_token", "pos_embed"}, "the encoder's timm trunk weights")
-    out = {name: trunk_state[timm] for timm, name in names.items()}
-    for timm, parts in qkv.items():
-        out.update(zip(parts, trunk_state[timm].chunk(3)))
-    cls = trunk_state["cls_token"]
-    out[_CLS] = cls
-    out[_MASK] = cls.new_zeros(1, cls.shape[-1])  # used only for masked pre-training
-    patch_rows = positions_preimage(trunk_state["pos_embed"], table_side)
-    out[_POSITIONS] = torch.cat([patch_rows.new_zeros(1, 1, patch_rows.shape[-1]), patch_rows], dim=1)
-    return {k: v.detach().float().contiguous() for k, v in out.items()}
-
-
-def resample_positions(patch_rows: Tensor, grid: int) -> Tensor:
-    """transformers' Dinov2WithRegisters `interpolate_pos_encoding` of patch rows (1, side*side, D) to a
-    grid x grid table: bicubic, align_corners=False, antialiased, in float32 (skipped at the same size)."""
-    side = _square_side(patch_rows.shape[1], "position rows")
-    if side == grid:
-        return patch_rows
-    table = patch_rows.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    resized = F.interpolate(table.float(), size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
-    return resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
-
-
-def positions_preimage(grid_rows: Tensor, side: int) -> Tensor:
-    """A (1, side*side, D) table that `resample_positions` maps onto ``grid_rows`` (1, grid*grid, D): the
-    least-norm solution through the resampling's matrix (float64; it has full row rank)."""
-    grid = _square_side(grid_rows.shape[1], "position rows")
-    if side == grid:
-        return grid_rows
-    basis = torch.eye(side * side, dtype=torch.float64).reshape(1, side * side, side, side)
-    operator = F.interpolate(basis, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
-    operator = operator.reshape(side * side, grid * grid).T  # (grid*grid, side*side)
-    # least-norm: A^T (A A^T)^-1 y; A A^T is small and well conditioned (singular values of A ~0.2-0.45)
-    preimage = operator.T @ torch.linalg.solve(operator @ operator.T, grid_rows[0].double())
-    return preimage.float().unsqueeze(0)
+    hf = state_dict_to_hf_dinov2(trunk_state, table_side, depth=depth, registers=True, final_norm=False,
+                                 source="the encoder's timm trunk weights")
+    return {_ENCODER_PREFIX + k: v.detach().float().contiguous() for k, v in hf.items()}
 
 
 def encoder_mismatches(trunk: nn.Module, norm_eps: float) -> list[str]:
@@ -483,27 +409,6 @@ def _preset_mismatches(name: str, config: DiffusersRAEConfig) -> list[str]:
     if len(encoder.trunk.blocks) != config.encoder_num_hidden_layers:
         problems.append(f"{len(encoder.trunk.blocks)} layers")
     return problems
-
-
-def _encoder_names(depth: int) -> tuple[dict[str, str], dict[str, list[str]]]:
-    names = dict(_ENCODER_TOP)
-    for i in range(depth):
-        names.update({f"blocks.{i}.{t}": f"encoder.encoder.layer.{i}.{h}" for t, h in _ENCODER_LAYER.items()})
-    qkv = {f"blocks.{i}.attn.qkv.{s}": [f"encoder.encoder.layer.{i}.{m}.{s}" for m in _ENCODER_QKV]
-           for i in range(depth) for s in ("weight", "bias")}
-    return names, qkv
-
-
-def _saved_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        name = key
-        for in_memory, saved in _IN_MEMORY_NAMES.items():
-            name = name.replace(in_memory, saved)
-        if name in out:
-            raise ValueError(f"the encoder holds {name!r} twice (also as {key!r})")
-        out[name] = value
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ Names (`encoder.layer.N.` -> `blocks.N.`):
   `ls{1,2}.gamma`; `norm1`, `norm2`, `mlp.fc1`, `mlp.fc2` keep their names;
 - `embeddings.patch_embeddings.projection` -> `patch_embed.proj`, `embeddings.register_tokens` ->
   `reg_token`, `layernorm` -> `norm`; `embeddings.mask_token` (masked pre-training only) is dropped.
-Any other key, or a missing one, is an error naming it.
+Any other key, or a missing one, is an error naming it. One table (`_names`) serves both directions:
+`state_dict_to_hf_dinov2` is the inverse (timm -> transformers), which `rae.diffusers_rae` uses to
+export the encoder into diffusers' AutoencoderRAE (whose encoder is this model under ``encoder.``).
 
 Positions: transformers keeps the 518 px table (a class row and 37x37 patch rows) and resamples the
 patch rows to the input grid on every forward: bicubic, align_corners=False, with antialiasing in
@@ -23,7 +25,9 @@ patch rows to the input grid on every forward: bicubic, align_corners=False, wit
 alike). The conversion makes that same call once, for the encoder's grid. With registers, timm's
 model gives the class token no position row (`no_embed_class`), so the class position is added into
 `cls_token`, as transformers adds it before inserting the registers (which get none); without
-registers the class row stays the first row of timm's `pos_embed`.
+registers the class row stays the first row of timm's `pos_embed`. The inverse needs a 37x37 table that
+this resampling maps onto timm's grid table: `positions_preimage`, the least-norm preimage under the
+(linear, full-rank) resampling; exact up to float32 rounding at that grid, but not the original table.
 """
 from __future__ import annotations
 
@@ -45,37 +49,36 @@ HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 _MARKER = "embeddings.patch_embeddings.projection.weight"
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 _IN_MEMORY_NAMES = {  # transformers 5's in-memory names -> the names its checkpoints are saved with
     "attention.q_proj.": "attention.attention.query.",
     "attention.k_proj.": "attention.attention.key.",
     "attention.v_proj.": "attention.attention.value.",
     "attention.o_proj.": "attention.output.dense.",
 }
-_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
-_LAYER_RENAMED = {
+# timm name -> transformers name (as saved): in blocks.N. / encoder.layer.N., then outside the layers
+_LAYER_NAMES = {
     "norm1.weight": "norm1.weight",
     "norm1.bias": "norm1.bias",
-    "attention.output.dense.weight": "attn.proj.weight",
-    "attention.output.dense.bias": "attn.proj.bias",
-    "layer_scale1.lambda1": "ls1.gamma",
+    "attn.proj.weight": "attention.output.dense.weight",
+    "attn.proj.bias": "attention.output.dense.bias",
+    "ls1.gamma": "layer_scale1.lambda1",
     "norm2.weight": "norm2.weight",
     "norm2.bias": "norm2.bias",
     "mlp.fc1.weight": "mlp.fc1.weight",
     "mlp.fc1.bias": "mlp.fc1.bias",
     "mlp.fc2.weight": "mlp.fc2.weight",
     "mlp.fc2.bias": "mlp.fc2.bias",
-    "layer_scale2.lambda1": "ls2.gamma",
+    "ls2.gamma": "layer_scale2.lambda1",
 }
-_LAYER_KEYS = (*_LAYER_RENAMED, *(f"{p}.{s}" for p in _QKV for s in ("weight", "bias")))
-_RENAMED = {
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
+_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")  # -> attn.qkv
+_TOP_NAMES = {
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
 }
-_SPECIAL = ("embeddings.cls_token", "embeddings.position_embeddings")
-_REGISTERS = "embeddings.register_tokens"
-_DROPPED = ("embeddings.mask_token",)
+_FINAL_NORM = {"norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+_REGISTERS = "embeddings.register_tokens"  # timm's reg_token
+_CLS, _POSITIONS, _MASK = "embeddings.cls_token", "embeddings.position_embeddings", "embeddings.mask_token"
 
 
 def is_hf_dinov2(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -84,37 +87,94 @@ def is_hf_dinov2(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 
 def state_dict_from_hf_dinov2(hf_state_dict: Mapping[str, torch.Tensor], grid: tuple[int, int], *,
-                              source: str = "the state dict") -> dict[str, torch.Tensor]:
+                              source: str = "the state dict", depth: int | None = None,
+                              registers: bool | None = None, final_norm: bool = True) -> dict[str, torch.Tensor]:
     """The timm ViT state dict (positions resampled for ``grid`` as transformers does) of a
-    transformers `Dinov2WithRegistersModel` or `Dinov2Model` state dict; ``source`` names it in errors."""
+    transformers `Dinov2WithRegistersModel` or `Dinov2Model` state dict; ``source`` names it in errors.
+
+    ``depth`` and ``registers`` are what the state dict must hold (None: what its keys say). Without
+    ``final_norm`` the model has no final LayerNorm affine (diffusers' AutoencoderRAE removes it):
+    ``layernorm.*`` are ignored where present and no ``norm.*`` is returned."""
     hf = _saved_names(hf_state_dict, source)
-    depth = 1 + max((int(m.group(1)) for k in hf if (m := _LAYER.fullmatch(k))), default=-1)
-    registers = _REGISTERS in hf
-    expected = {*_RENAMED, *_SPECIAL, *([_REGISTERS] if registers else []),
-                *(f"encoder.layer.{i}.{name}" for i in range(depth) for name in _LAYER_KEYS)}
+    if depth is None:
+        depth = 1 + max((int(m.group(1)) for k in hf if (m := _LAYER.fullmatch(k))), default=-1)
+    if registers is None:
+        registers = _REGISTERS in hf
+    names, qkv = _names(depth, registers, final_norm)
+    expected = {*names.values(), *(k for parts in qkv.values() for k in parts), _CLS, _POSITIONS}
+    ignored = {_MASK, *(() if final_norm else _FINAL_NORM.values())}
     missing = sorted(expected - set(hf))
-    unexpected = sorted(set(hf) - expected - set(_DROPPED))
+    unexpected = sorted(set(hf) - expected - ignored)
     if missing or unexpected:
         raise ValueError(f"{source} is not a Hugging Face DINOv2 state dict the encoder can take: "
                          f"missing keys {missing}, unexpected keys {unexpected}")
 
-    out = {timm_name: hf[name] for name, timm_name in _RENAMED.items()}
-    for i in range(depth):
-        layer = f"encoder.layer.{i}."
-        out.update({f"blocks.{i}.{t}": hf[layer + name] for name, t in _LAYER_RENAMED.items()})
-        for suffix in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat([hf[f"{layer}{p}.{suffix}"] for p in _QKV])
-
-    table = hf["embeddings.position_embeddings"]
-    class_position, patch_positions = table[:, :1], _resample_positions(table[:, 1:], grid, registers, source)
+    out = {timm_name: hf[name] for timm_name, name in names.items()}
+    out.update({timm_name: torch.cat([hf[name] for name in parts]) for timm_name, parts in qkv.items()})
+    table = hf[_POSITIONS]
+    class_position = table[:, :1]
+    patch_positions = resample_positions(table[:, 1:], grid, antialias=registers,
+                                         source=f"{source}: {_POSITIONS}")
     if registers:  # timm's no_embed_class layout: no position rows for the class and register tokens
-        out["cls_token"] = hf["embeddings.cls_token"] + class_position
-        out["reg_token"] = hf[_REGISTERS]
+        out["cls_token"] = hf[_CLS] + class_position
         out["pos_embed"] = patch_positions
     else:
-        out["cls_token"] = hf["embeddings.cls_token"]
+        out["cls_token"] = hf[_CLS]
         out["pos_embed"] = torch.cat([class_position, patch_positions], dim=1)
     return out
+
+
+def state_dict_to_hf_dinov2(timm_state_dict: Mapping[str, torch.Tensor], table_side: int, *,
+                            source: str = "the state dict", depth: int | None = None,
+                            registers: bool | None = None, final_norm: bool = True) -> dict[str, torch.Tensor]:
+    """The inverse of `state_dict_from_hf_dinov2`: the transformers state dict (saved names; see
+    `in_memory_name`) of a timm DINOv2 ViT, its grid table replaced by the ``table_side`` x ``table_side``
+    table transformers resamples onto it (`positions_preimage`), the class position zero with registers
+    (timm folds it into ``cls_token``), a zero ``mask_token`` (used only in masked pre-training).
+    ``depth``, ``registers`` and ``final_norm`` are what the state dict must hold (None: what its keys say)."""
+    timm = dict(timm_state_dict)
+    if depth is None:
+        depth = 1 + max((int(m.group(1)) for k in timm if (m := _BLOCK.fullmatch(k))), default=-1)
+    if registers is None:
+        registers = "reg_token" in timm
+    names, qkv = _names(depth, registers, final_norm)
+    expected = {*names, *qkv, "cls_token", "pos_embed"}
+    missing, unexpected = sorted(expected - set(timm)), sorted(set(timm) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source} is not a timm DINOv2 state dict of {depth} blocks "
+                         f"{'with' if registers else 'without'} registers: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+
+    out = {name: timm[timm_name] for timm_name, name in names.items()}
+    for timm_name, parts in qkv.items():
+        out.update(zip(parts, timm[timm_name].chunk(3)))
+    cls, positions = timm["cls_token"], timm["pos_embed"]
+    if registers:
+        class_position, grid_positions = positions.new_zeros(1, 1, positions.shape[-1]), positions
+    else:
+        class_position, grid_positions = positions[:, :1], positions[:, 1:]
+    patch_positions = positions_preimage(grid_positions, table_side, antialias=registers)
+    out[_CLS] = cls
+    out[_MASK] = cls.new_zeros(1, cls.shape[-1])
+    out[_POSITIONS] = torch.cat([class_position, patch_positions], dim=1)
+    return out
+
+
+def _names(depth: int, registers: bool, final_norm: bool) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """(timm name -> transformers name, timm qkv name -> its three transformers names) of the renamed tensors."""
+    names = {**_TOP_NAMES, **(_FINAL_NORM if final_norm else {}), **({"reg_token": _REGISTERS} if registers else {})}
+    for i in range(depth):
+        names.update({f"blocks.{i}.{t}": f"encoder.layer.{i}.{h}" for t, h in _LAYER_NAMES.items()})
+    qkv = {f"blocks.{i}.attn.qkv.{s}": tuple(f"encoder.layer.{i}.{p}.{s}" for p in _QKV)
+           for i in range(depth) for s in ("weight", "bias")}
+    return names, qkv
+
+
+def in_memory_name(name: str) -> str:
+    """A transformers DINOv2 key (saved name) under transformers 5's in-memory attention names."""
+    for in_memory, saved in _IN_MEMORY_NAMES.items():
+        name = name.replace(saved, in_memory)
+    return name
 
 
 def _saved_names(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -130,19 +190,41 @@ def _saved_names(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[st
     return out
 
 
-def _resample_positions(patch_positions: torch.Tensor, grid: tuple[int, int], registers: bool,
-                        source: str) -> torch.Tensor:
-    """transformers' `interpolate_pos_encoding` on the patch rows (1, side*side, dim) for ``grid``."""
+def resample_positions(patch_positions: torch.Tensor, grid: int | tuple[int, int], *, antialias: bool = True,
+                       source: str = "the position table") -> torch.Tensor:
+    """transformers' `interpolate_pos_encoding` on the patch rows (1, side*side, dim) for ``grid``: bicubic,
+    align_corners=False, in float32, antialiased in `Dinov2WithRegistersModel` (not in `Dinov2Model`);
+    skipped at the table's own size."""
     _, rows, dim = patch_positions.shape
-    side = int(round(rows**0.5))
-    if side * side != rows:
-        raise ValueError(f"{source}: embeddings.position_embeddings has {rows} patch rows, not a square grid")
-    if tuple(grid) == (side, side):
+    side = _square_side(rows, source)
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if grid == (side, side):
         return patch_positions  # transformers skips the resampling at the table's own size too
     table = patch_positions.reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    resized = F.interpolate(table.float(), size=tuple(grid), mode="bicubic", align_corners=False,
-                            antialias=registers).to(patch_positions.dtype)
+    resized = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False,
+                            antialias=antialias).to(patch_positions.dtype)
     return resized.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+
+def positions_preimage(grid_positions: torch.Tensor, side: int, *, antialias: bool = True) -> torch.Tensor:
+    """A (1, side*side, dim) table that `resample_positions` maps onto ``grid_positions`` (1, grid*grid, dim):
+    the least-norm solution through the resampling's matrix (float64; it has full row rank)."""
+    grid = _square_side(grid_positions.shape[1], "the grid's position table")
+    if side == grid:
+        return grid_positions
+    basis = torch.eye(side * side, dtype=torch.float64).reshape(1, side * side, side, side)
+    operator = F.interpolate(basis, size=(grid, grid), mode="bicubic", align_corners=False, antialias=antialias)
+    operator = operator.reshape(side * side, grid * grid).T  # (grid*grid, side*side)
+    # least-norm: A^T (A A^T)^-1 y; A A^T is small and well conditioned (singular values of A ~0.2-0.45)
+    preimage = operator.T @ torch.linalg.solve(operator @ operator.T, grid_positions[0].double())
+    return preimage.to(grid_positions.dtype).unsqueeze(0)
+
+
+def _square_side(rows: int, source: str) -> int:
+    side = int(round(rows**0.5))
+    if side * side != rows:
+        raise ValueError(f"{source} has {rows} patch rows, not a square grid")
+    return side
 
 
 @dataclass(frozen=True)

@@ -196,13 +196,6 @@ def test_the_config_defaults_are_diffusers_defaults():
     assert set(defaults) == set(signature) - {"self"}
 
 
-def test_encoder_positions_resampled_back_are_the_grid_table():
-    table = torch.randn(1, GRID * GRID, 8)
-    preimage = diffusers_rae.positions_preimage(table, 37)
-    assert preimage.shape == (1, 37 * 37, 8)
-    assert relative_error(diffusers_rae.resample_positions(preimage, GRID), table) < 1e-6
-
-
 @pytest.mark.parametrize("reshape_to_2d", [True, False])
 def test_latent_statistics_are_diffusers_normalisation(reshape_to_2d):
     """Per-token means, per-channel scales down to 1e-4 (eps below the project's default), a scaling factor."""

@@ -23,7 +23,8 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from jobs.demo.photos import load_photo
 from rae.encoders import ENCODER_PRESETS, EncoderSpec, encoder_from_state_dict, load_encoder
-from rae.hf_dinov2 import state_dict_from_hf_dinov2
+from rae.hf_dinov2 import (positions_preimage, resample_positions, state_dict_from_hf_dinov2,
+                           state_dict_to_hf_dinov2)
 
 TOLERANCE = 1e-5  # max |ours - official| / max |official|
 HF_TABLE_SIZE = 518  # transformers' DINOv2 configs: a 37x37 position table
@@ -182,6 +183,33 @@ def test_in_memory_transformers_names_convert_like_the_saved_ones(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["pos_embed"].shape == (1, 256, 64) and a["reg_token"].shape == (1, 4, 64)
+
+
+@pytest.mark.parametrize("registers", [True, False])
+def test_positions_resampled_back_are_the_grid_table(registers):
+    table = torch.randn(1, 16 * 16, 8)
+    preimage = positions_preimage(table, 37, antialias=registers)
+    assert preimage.shape == (1, 37 * 37, 8)
+    assert relative_difference(resample_positions(preimage, 16, antialias=registers), table) < 1e-6
+
+
+@pytest.mark.parametrize("registers", [True, False])
+def test_timm_weights_convert_back_to_the_transformers_names(registers, tmp_path):
+    """state_dict_to_hf_dinov2 gives every key transformers saves, and converts back to the same timm weights."""
+    from safetensors.torch import load_file
+
+    hf_model = small_hf_model(registers)
+    hf_model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    timm_state = state_dict_from_hf_dinov2(saved, (16, 16))
+    back = state_dict_to_hf_dinov2(timm_state, 37)
+    assert back.keys() == saved.keys()
+    assert all(torch.equal(back[k], saved[k]) for k in saved if "embeddings." not in k)
+    again = state_dict_from_hf_dinov2(back, (16, 16))
+    assert again.keys() == timm_state.keys()
+    assert all(torch.equal(again[k], timm_state[k]) for k in timm_state if k not in ("pos_embed", "cls_token"))
+    for key in ("pos_embed", "cls_token"):
+        assert relative_difference(again[key], timm_state[key]) < 1e-6
 
 
 # ---- the presets, loaded from a Hugging Face model folder ---------------------------------------
