@@ -31,7 +31,7 @@ from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
 from rae.devices import check_device_choice
-from rae.encoders import DEFAULT_ENCODER, RepresentationEncoder, load_encoder
+from rae.encoders import DEFAULT_ENCODER, ENCODER_RESIZE, RepresentationEncoder, load_encoder
 from rae.latent_spec import STATS_FILE
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def plan_manifest(config: EncodeConfig, encoder: RepresentationEncoder, shards: 
                   class_names: list[str] | None) -> dict:
     return latent_store.new_manifest(
         latent_spec=encoder.latent_spec(stats=STATS_FILE),
-        preprocessing={"crop": ADM_CROP, "color": "RGB (alpha over white)",
+        preprocessing={"crop": ADM_CROP, "color": "RGB (alpha over white)", "encoder_resize": ENCODER_RESIZE,
                        "views": ["original", "hflip"] if config.flip else ["original"],
                        "limits": dataclasses.asdict(config.limits)},
         latent_dtype=config.latent_dtype, shards=shards, class_names=class_names, software=software_versions())

@@ -29,6 +29,8 @@ from rae import offline_weights
 from rae.hf_dinov2 import HF_CONFIG_FILE, HfDinov2Config, is_hf_dinov2, read_weights, state_dict_from_hf_dinov2
 from rae.latent_spec import PIXELS_PER_TOKEN, LatentSpec
 
+# How an image reaches the encoder's input size; latent stores record it (made otherwise, they are other latents).
+ENCODER_RESIZE = "bicubic, align_corners=False, no antialiasing, no clamp (the official RAE.encode)"
 RANDOM_INIT_DIGEST = "random-init"
 # State-dict entries the encoder never uses: classifier heads, pooling, the final norm's affine.
 _UNUSED_PREFIXES = ("head.", "attn_pool.", "fc_norm.", "norm.")

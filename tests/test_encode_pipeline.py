@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -22,7 +23,7 @@ from builders import latent_manifest, synthetic_spec, write_image_folder, write_
 from pipelines import latent_store
 from pipelines.encode import EncodeConfig, encode_to_store
 from pipelines.image_decode import decode_image
-from pipelines.latent_store import StoreMismatchError
+from pipelines.latent_store import MANIFEST, StoreMismatchError
 from pipelines.shards import make_shards
 from pipelines.store_check import verify_store
 from pipelines.store_reader import latent_dataset, open_store, read_latents
@@ -184,6 +185,19 @@ def test_a_store_made_differently_is_refused_naming_the_difference(file_store, s
         encode_to_store(config(shards, file_store, flip=False))
     with pytest.raises(StoreMismatchError, match=r"latent_spec\.input_size: store has 56, this run asks for 42"):
         encode_to_store(config(shards, file_store, encoder_input_size=42))
+
+
+def test_a_store_encoded_before_the_official_resize_is_refused(file_store, shards, tmp_path):
+    """Stores made before the encoder resized as the official code (antialiased then) record no
+    encoder_resize: encoding more into one would mix two preprocessings, so it is refused."""
+    manifest = json.loads((Path(file_store.removeprefix("file://")) / MANIFEST).read_text())
+    del manifest["preprocessing"]["encoder_resize"]
+    old = tmp_path / "old-store"
+    old.mkdir()
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StoreMismatchError, match=r"preprocessing\.encoder_resize: store has None, this run asks "
+                                                 r"for 'bicubic, align_corners=False, no antialiasing"):
+        encode_to_store(config(shards, f"file://{old}"))
 
 
 KILLED_JOB = """
