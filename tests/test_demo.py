@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from jobs.demo.run import DemoConfig, run_demo
+from jobs.demo.run import DemoConfig, check_workdir_version, run_demo
 from jobs.demo.photos import PHOTOS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -120,3 +120,17 @@ def test_report_images_load_in_headless_chromium(demo, tmp_path):
     assert sorted(src for src, _, _ in loaded) == ["loss_curves.png", "reconstructions.png", "samples.png"]
     assert all(width > 0 and height > 0 for _, width, height in loaded), loaded
     assert (workdir / "report" / "screenshot.png").stat().st_size > 10_000
+
+
+def test_a_workdir_of_an_older_rae_is_refused_at_once_and_a_fresh_one_stamped(tmp_path):
+    from pipelines.exports import EXPORT_FORMAT
+
+    fresh = tmp_path / "fresh"
+    check_workdir_version(fresh)
+    assert json.loads((fresh / "stages" / "export-format.json").read_text()) == {"export_format": EXPORT_FORMAT}
+    check_workdir_version(fresh)  # its own stamp: fine
+    old = tmp_path / "old"
+    (old / "stages").mkdir(parents=True)
+    (old / "stages" / "encode.json").write_text(json.dumps({"seconds": 1.0, "result": None}))
+    with pytest.raises(ValueError, match=r"older rae \(export format before 3.*Remove it, or pass another --workdir"):
+        check_workdir_version(old)

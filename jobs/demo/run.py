@@ -135,6 +135,22 @@ def _stage(workdir: Path, name: str, timings: dict, force: bool = False):
     return run
 
 
+def check_workdir_version(workdir: Path) -> None:
+    """A workdir whose finished stages an older rae made (exports of another format) is refused at
+    once, rather than failing at the stage that reads them; a fresh one is stamped."""
+    from pipelines.exports import EXPORT_FORMAT
+
+    stamp = workdir / "stages" / "export-format.json"
+    finished = [p for p in (workdir / "stages").glob("*.json") if p != stamp]
+    made_with = json.loads(stamp.read_text())["export_format"] if stamp.exists() else (None if finished else EXPORT_FORMAT)
+    if made_with != EXPORT_FORMAT:
+        raise ValueError(f"{workdir} holds a demo made by an older rae (export format {made_with or 'before 3'}; "
+                         f"this one writes {EXPORT_FORMAT}): its stages cannot be reused. Remove it, or pass "
+                         f"another --workdir")
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"export_format": EXPORT_FORMAT}))
+
+
 def run_demo(workdir: Path, config: DemoConfig) -> Path:
     """Run (or finish) the demo in ``workdir``; returns the path of the report's index.html."""
     import ray
@@ -147,6 +163,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir_version(workdir)
     timings: dict = {}
     total_start = time.perf_counter()
     shards = {split: workdir / "shards" / split for split in ("train", "val")}
