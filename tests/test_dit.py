@@ -4,7 +4,7 @@ import torch
 
 from rae.dit import DIT_PRESETS, DiT, DiTConfig, DiTDH, build_dit
 from rae.model_summary import count_parameters
-from rae.dit_blocks import RotaryEmbedding2D, patchify, unpatchify
+from rae.dit_blocks import Attention, DiTBlock, FinalLayer, RotaryEmbedding2D, patchify, unpatchify
 from rae.positions import sincos_pos_embed_2d
 
 
@@ -145,6 +145,80 @@ def test_rope_attention_scores_depend_only_on_relative_position() -> None:
     assert torch.allclose(scores[0, 5], scores[10, 15], atol=1e-5)  # (0,0)->(1,1) vs (2,2)->(3,3)
     assert torch.allclose(scores[1, 4], scores[6, 9], atol=1e-5)  # (0,1)->(1,0) vs (1,2)->(2,1)
     assert not torch.allclose(scores[0, 5], scores[0, 6], atol=1e-3)
+
+
+def _attention_on_grid(attention: Attention, rope: RotaryEmbedding2D, grid: int, pattern: torch.Tensor,
+                       row: int, col: int) -> torch.Tensor:
+    """The attention output on a grid of zero tokens holding `pattern` (h, w, width) at (row, col),
+    as a (grid, grid, width) tensor."""
+    h, w, width = pattern.shape
+    tokens = torch.zeros(grid, grid, width)
+    tokens[row:row + h, col:col + w] = pattern
+    with torch.no_grad():
+        return attention(tokens.reshape(1, grid * grid, width), rope).reshape(grid, grid, width)
+
+
+def test_rope_attention_moves_with_its_input_and_sees_the_arrangement() -> None:
+    """Rotating both queries and keys makes attention scores depend on relative positions only, so a
+    pattern moved across the grid (among zero tokens: no qkv bias, zero keys and values) gives the
+    same outputs, moved. Rotating only one of them would tie the scores to absolute positions.
+    Without RoPE the outputs would not depend on how the pattern's tokens are arranged."""
+    grid, width = 6, 16
+    attention, rope = Attention(width, heads=2), RotaryEmbedding2D(head_dim=8, grid=grid)
+    with torch.no_grad():
+        attention.qkv.bias.zero_()
+    pattern = 2.0 * torch.randn(2, 3, width)
+    at_origin = _attention_on_grid(attention, rope, grid, pattern, 0, 0)
+    moved = _attention_on_grid(attention, rope, grid, pattern, 3, 2)
+    torch.testing.assert_close(moved[3:5, 2:5], at_origin[0:2, 0:3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moved[0, 0], at_origin[5, 5], rtol=1e-5, atol=1e-5)  # a zero token: uniform
+    mirrored = _attention_on_grid(attention, rope, grid, pattern.flip(1), 0, 0)[0:2, 0:3].flip(1)
+    assert (mirrored - at_origin[0:2, 0:3]).abs().max() > 1e-2
+
+
+def _fresh_tiny(preset: str) -> torch.nn.Module:
+    """A model as initialised, its embedders randomised so that every block sees a non-trivial
+    input and condition (the check is that the blocks pass them through unchanged)."""
+    model = _tiny(preset)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embedder" in name or "projector" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", "ditdh-tiny"])
+def test_adaln_zero_makes_every_fresh_block_the_identity(preset: str) -> None:
+    """The official adaLN-Zero initialisation: each block's modulation layer (weight and bias) starts
+    at zero, so its gates are zero and a fresh block passes its input through unchanged, for the
+    global condition of the trunk and the per-token condition of the DDT head alike."""
+    model = _fresh_tiny(preset)
+    blocks = [m for m in model.modules() if isinstance(m, DiTBlock)]
+    assert len(blocks) == (4 if preset.startswith("ditdh") else 2)
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append((args[0], args[1], out))) for b in blocks]
+    with torch.no_grad():
+        out = model(torch.randn(3, 16, 8), torch.rand(3), torch.tensor([0, 1, 5]))
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(blocks)
+    for x, c, y in seen:
+        assert x.abs().max() > 0.1 and c.abs().max() > 0.1  # something to pass through, and a condition
+        assert torch.equal(y, x)
+    assert torch.equal(out, torch.zeros(3, 16, 8))
+
+
+def test_a_fresh_final_layer_is_unmodulated_and_outputs_zero() -> None:
+    """Both of the final layer's linears start at zero: the output is zero, and once the output
+    linear has learned something its input is the plain normalised token (shift 0, scale 0)."""
+    layer = FinalLayer(16, 8)
+    x, c = torch.randn(2, 5, 16), torch.randn(2, 16)
+    assert torch.equal(layer(x, c), torch.zeros(2, 5, 8))
+    with torch.no_grad():
+        layer.linear.weight.normal_()
+        layer.linear.bias.normal_()
+    torch.testing.assert_close(layer(x, c), layer.linear(layer.norm(x)), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x, c.unsqueeze(1).expand(2, 5, 16)), layer.linear(layer.norm(x)), rtol=0, atol=0)
 
 
 def test_sincos_positions_are_distinct_and_bounded() -> None:
