@@ -110,6 +110,38 @@ def test_discriminator_gradients_reach_heads_only(gan_setup):
     assert not discriminator.features.training  # the frozen network stays in eval mode
 
 
+def test_adaptive_weight_is_measured_at_the_decoders_last_layer():
+    """lambda = ||grad L_rec|| / (||grad L_G|| + eps) at the weight of the layer that emits the pixels
+    (the last linear the decoder runs), not at any other layer. A small conv net stands in for the
+    discriminator: any module of images to logits will do for the formula."""
+    decoder = build_decoder("tiny", latent_channels=8, grid=2).train()
+    discriminator = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.GELU(), nn.Conv2d(4, 1, 3), nn.Flatten())
+    loss_fn = DecoderLoss(DecoderLossConfig(perceptual_weight=0.0, gan_start_epoch=0.0), discriminator=discriminator)
+    called: list[nn.Linear] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: called.append(m))
+             for m in decoder.modules() if isinstance(m, nn.Linear)]
+    real = torch.rand(2, 3, 32, 32)
+    fake = decoder(torch.randn(2, 4, 8))
+    for hook in hooks:
+        hook.remove()
+    last, first = called[-1].weight, called[0].weight
+    assert decoder.last_layer_weight is last
+
+    torch.manual_seed(1)  # the same DiffAugment draws for the loss and the hand computation
+    _, logs = loss_fn.generator_loss(real, fake, epoch=0.0, last_layer_weight=decoder.last_layer_weight)
+    torch.manual_seed(1)
+    gan = generator_gan_loss(discriminator(loss_fn.augment(fake)))
+    rec = (fake - real).abs().mean()  # l1 weight 1, no perceptual term
+
+    def by_hand(weight: torch.Tensor) -> float:
+        rec_grad = torch.autograd.grad(rec, weight, retain_graph=True)[0]
+        gan_grad = torch.autograd.grad(gan, weight, retain_graph=True)[0]
+        return (rec_grad.norm() / (gan_grad.norm() + 1e-6)).item()
+
+    assert logs["adaptive_weight"].item() == pytest.approx(by_hand(last), rel=1e-5)
+    assert logs["adaptive_weight"].item() != pytest.approx(by_hand(first), rel=0.05)
+
+
 def test_gan_term_is_zero_before_its_start_and_discriminator_idle_before_its_start(gan_setup):
     encoder, decoder, discriminator, loss_fn = gan_setup
     real = torch.rand(2, 3, 32, 32)
