@@ -69,6 +69,27 @@ def test_logit_normal_times_have_median_one_half_and_respect_t_max() -> None:
     assert (t < torch.sigmoid(torch.tensor(1.0))).float().mean().item() == pytest.approx(0.8413, abs=0.005)
 
 
+def test_logit_normal_times_follow_a_non_zero_mean_and_non_unit_std() -> None:
+    config = TransportConfig(time_distribution="logit_normal", logit_mean=-0.8, logit_std=0.6, shift=False)
+    t = sample_timesteps(100_000, PAPER_LATENT_DIM, config, generator=torch.Generator().manual_seed(0)).double()
+    logits = torch.logit(t)  # ~ N(-0.8, 0.6^2); the cut at t_max = 0.999 lies 12.8 sigma out
+    # Standard errors at n = 100,000: 0.0019 for the mean, 0.0013 for the std; a dropped mean or
+    # std (0 or 1) is hundreds of them away.
+    assert logits.mean().item() == pytest.approx(-0.8, abs=0.01)
+    assert logits.std().item() == pytest.approx(0.6, abs=0.01)
+    assert t.median().item() == pytest.approx(torch.sigmoid(torch.tensor(-0.8)).item(), abs=0.005)
+
+
+def test_logit_normal_times_are_truncated_at_t_max_for_any_mean() -> None:
+    """logit(t) ~ N(1, 1) cut at logit(0.9) = 2.197: P(t <= 0.9) = Phi(1.197) = 0.8844 before the cut,
+    so below the mean lies 0.5 / 0.8844 = 0.5654 of the truncated law."""
+    config = TransportConfig(time_distribution="logit_normal", logit_mean=1.0, t_max=0.9, shift=False)
+    t = sample_timesteps(100_000, PAPER_LATENT_DIM, config, generator=torch.Generator().manual_seed(0))
+    assert t.max() <= 0.9
+    below_mean = (t < torch.sigmoid(torch.tensor(1.0))).double().mean().item()
+    assert below_mean == pytest.approx(0.5 / 0.8844, abs=0.01)  # standard error 0.0016
+
+
 def test_sampled_times_are_shifted_by_the_latent_dimension() -> None:
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     plain = sample_timesteps(1000, PAPER_LATENT_DIM, TransportConfig(shift=False), generator=gen())
