@@ -170,8 +170,8 @@ def test_rope_attention_moves_with_its_input_and_sees_the_arrangement() -> None:
     pattern = 2.0 * torch.randn(2, 3, width)
     at_origin = _attention_on_grid(attention, rope, grid, pattern, 0, 0)
     moved = _attention_on_grid(attention, rope, grid, pattern, 3, 2)
-    torch.testing.assert_close(moved[3:5, 2:5], at_origin[0:2, 0:3], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(moved[0, 0], at_origin[5, 5], rtol=1e-5, atol=1e-5)  # a zero token: uniform
+    assert torch.allclose(moved[3:5, 2:5], at_origin[0:2, 0:3], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(moved[0, 0], at_origin[5, 5], rtol=1e-5, atol=1e-5)  # a zero token: uniform
     mirrored = _attention_on_grid(attention, rope, grid, pattern.flip(1), 0, 0)[0:2, 0:3].flip(1)
     assert (mirrored - at_origin[0:2, 0:3]).abs().max() > 1e-2
 
@@ -217,8 +217,8 @@ def test_a_fresh_final_layer_is_unmodulated_and_outputs_zero() -> None:
     with torch.no_grad():
         layer.linear.weight.normal_()
         layer.linear.bias.normal_()
-    torch.testing.assert_close(layer(x, c), layer.linear(layer.norm(x)), rtol=0, atol=0)
-    torch.testing.assert_close(layer(x, c.unsqueeze(1).expand(2, 5, 16)), layer.linear(layer.norm(x)), rtol=0, atol=0)
+    assert torch.equal(layer(x, c), layer.linear(layer.norm(x)))
+    assert torch.equal(layer(x, c.unsqueeze(1).expand(2, 5, 16)), layer.linear(layer.norm(x)))
 
 
 def test_sincos_positions_are_distinct_and_bounded() -> None:

@@ -208,6 +208,28 @@ def test_cfg_outside_the_guidance_interval_is_conditional(random_dit) -> None:
     assert not torch.allclose(guided[inside], v_c[inside], atol=1e-3)
 
 
+@pytest.mark.parametrize("guidance", ["cfg", "autoguidance"])
+def test_guidance_on_the_default_interval_applies_at_the_first_step_t_equal_one(guidance: str) -> None:
+    """The default interval [0, 1] is closed: the first step of a guided sample, at t = 1, is guided."""
+    model = lambda x, t, y: x + y[:, None, None].to(x.dtype)  # noqa: E731
+    guide = lambda x, t, y: 0.5 * x  # noqa: E731
+    y, null = torch.tensor([0, 2]), torch.tensor([3, 3])
+    if guidance == "cfg":
+        velocity = classifier_free_guidance(model, y, 2.5, null_class=3)
+        weak = lambda x, t: model(x, t, null)  # noqa: E731
+    else:
+        velocity = autoguidance(model, guide, y, 2.5)
+        weak = lambda x, t: guide(x, t, y)  # noqa: E731
+    times = time_grid(2, latent_dim=PAPER_LATENT_DIM)  # one step, from t = 1
+    assert times[0] == 1.0
+    noise = torch.randn(2, 4, 3)
+    t1 = torch.ones(2)
+    guided = weak(noise, t1) + 2.5 * (model(noise, t1, y) - weak(noise, t1))
+    assert not torch.allclose(guided, model(noise, t1, y))
+    expected = noise + (float(times[1]) - 1.0) * guided
+    assert torch.allclose(integrate(velocity, noise, times), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_autoguidance_extrapolates_from_the_guide_towards_the_main_model() -> None:
     x = torch.randn(3, 5, 2)
     y = torch.tensor([1, 2, 0])
