@@ -110,12 +110,17 @@ def test_discriminator_gradients_reach_heads_only(gan_setup):
     assert not discriminator.features.training  # the frozen network stays in eval mode
 
 
+def _small_discriminator() -> nn.Module:
+    """Stands in for the DINO discriminator where only the loss's formula is under test."""
+    return nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.GELU(), nn.Conv2d(4, 1, 3), nn.Flatten())
+
+
 def test_adaptive_weight_is_measured_at_the_decoders_last_layer():
     """lambda = ||grad L_rec|| / (||grad L_G|| + eps) at the weight of the layer that emits the pixels
     (the last linear the decoder runs), not at any other layer. A small conv net stands in for the
     discriminator: any module of images to logits will do for the formula."""
     decoder = build_decoder("tiny", latent_channels=8, grid=2).train()
-    discriminator = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.GELU(), nn.Conv2d(4, 1, 3), nn.Flatten())
+    discriminator = _small_discriminator()
     loss_fn = DecoderLoss(DecoderLossConfig(perceptual_weight=0.0, gan_start_epoch=0.0), discriminator=discriminator)
     called: list[nn.Linear] = []
     hooks = [m.register_forward_hook(lambda m, args, out: called.append(m))
@@ -140,6 +145,26 @@ def test_adaptive_weight_is_measured_at_the_decoders_last_layer():
 
     assert logs["adaptive_weight"].item() == pytest.approx(by_hand(last), rel=1e-5)
     assert logs["adaptive_weight"].item() != pytest.approx(by_hand(first), rel=0.05)
+
+
+def test_discriminator_sees_augmented_reals_and_augmented_8bit_fakes():
+    """L_D = hinge(D(DiffAug(x)), D(DiffAug(q8(x_hat)))), the fakes drawn first: the fakes are what a
+    saved image would hold (clamped, rounded to 1/255), not the decoder's raw output."""
+    discriminator = _small_discriminator()
+    loss_fn = DecoderLoss(DecoderLossConfig(perceptual_weight=0.0, disc_start_epoch=0.0), discriminator=discriminator)
+    real = torch.rand(2, 3, 32, 32)
+    fake = 2.0 * torch.rand(2, 3, 32, 32) - 0.5  # a quarter of it outside [0, 1]: the clamp shows
+    torch.manual_seed(1)
+    d_loss, logs = loss_fn.discriminator_loss(real, fake, epoch=0.0)
+    torch.manual_seed(1)
+    logits_fake = discriminator(loss_fn.augment(quantize_8bit(fake)))
+    logits_real = discriminator(loss_fn.augment(real))
+    assert logs["logits_fake"].item() == pytest.approx(logits_fake.mean().item(), rel=1e-6)
+    assert logs["logits_real"].item() == pytest.approx(logits_real.mean().item(), rel=1e-6)
+    assert d_loss.item() == pytest.approx(hinge_d_loss(logits_real, logits_fake).item(), rel=1e-6)
+    torch.manual_seed(1)
+    raw = discriminator(loss_fn.augment(fake))
+    assert (raw - logits_fake).abs().max() > 1e-3
 
 
 def test_gan_term_is_zero_before_its_start_and_discriminator_idle_before_its_start(gan_setup):
