@@ -230,6 +230,15 @@ def test_guidance_on_the_default_interval_applies_at_the_first_step_t_equal_one(
     assert torch.allclose(integrate(velocity, noise, times), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_cfg_interval_is_closed_at_both_ends(random_dit) -> None:
+    x, y = _batch()
+    t = torch.tensor([0.2, 0.8, 0.19, 0.81])  # the bounds themselves are guided, just outside is not
+    guided = classifier_free_guidance(random_dit, y, 4.0, null_class=5, interval=(0.2, 0.8))(x, t)
+    v_c, v_u = random_dit(x, t, y), random_dit(x, t, torch.full_like(y, 5))
+    assert torch.allclose(guided[:2], (v_u + 4.0 * (v_c - v_u))[:2], atol=1e-5)
+    assert torch.allclose(guided[2:], v_c[2:], atol=1e-6)
+
+
 def test_autoguidance_extrapolates_from_the_guide_towards_the_main_model() -> None:
     x = torch.randn(3, 5, 2)
     y = torch.tensor([1, 2, 0])

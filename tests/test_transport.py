@@ -107,6 +107,19 @@ def test_training_loss_is_per_sample_and_reproducible_with_a_generator() -> None
     assert torch.equal(first, second)
 
 
+def test_training_times_are_shifted_by_one_samples_latent_size_not_the_batchs() -> None:
+    x, y = torch.randn(4, 64, 16), torch.zeros(4, dtype=torch.long)  # 1024 values a sample: alpha = 1/2
+    seen = {}
+
+    def model(x_t, t, y_):
+        seen["t"] = t
+        return torch.zeros_like(x_t)
+
+    training_loss(model, x, y, generator=torch.Generator().manual_seed(3))
+    expected = sample_timesteps(4, 1024, TransportConfig(), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(seen["t"], expected)
+
+
 def test_training_loss_is_the_mse_against_eps_minus_x() -> None:
     x, y = torch.randn(4, 8, 3), torch.zeros(4, dtype=torch.long)
     t = torch.tensor([0.1, 0.4, 0.6, 0.9])
