@@ -1,16 +1,31 @@
-"""`rae submit` sends a real rae command to a real Ray head and reports the job's outcome."""
+"""`rae submit` sends a real rae command to a real Ray head and reports the job's outcome; a head that
+cannot take the job (closed address, a token refused, a job agent still starting) is one line."""
+from __future__ import annotations
+
+import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import ray
+from polling import wait_until
 
 from jobs.cli.app import main
 from jobs.cli.submit import CONFIG_ENV_VARS, SECRET_ENV_VARS, entrypoint_for, runtime_env_for
 
-pytestmark = pytest.mark.timeout(240)
+# Generous: on a machine at load 15-45 a fresh head takes minutes to start and to run a job.
+pytestmark = pytest.mark.timeout(900)
+HEAD_START_TIMEOUT_S = 300
+HEAD_START_ATTEMPTS = 3
+HEAD_STOP_TIMEOUT_S = 60
 
 
 def _free_port() -> int:
@@ -19,23 +34,123 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head started as a separate cluster (its own ports and temp dir), stopped afterwards."""
-    temp_dir = tmp_path_factory.mktemp("rayhead")
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    ray = str(Path(sys.executable).with_name("ray"))
+def _group_members(pgid: int) -> list[int]:
+    """The pids of the live (not zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]  # after "pid (comm)"
+            if int(group) == pgid and state != "Z":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def stop_process_group(pgid: int, timeout_s: float) -> None:
+    """SIGKILL every process of group ``pgid`` and return once none runs. A head's gcs_server and
+    monitor outlive SIGTERM, and its agents and dashboard modules rename themselves (ray::DashboardAgent),
+    so neither a polite signal nor a match on the command line ends them all: the group does."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    wait_until(lambda: not _group_members(pgid), timeout_s, f"the test head's processes (group {pgid}) to end")
+
+
+def start_head(temp_dir: Path) -> tuple[str, int]:
+    """Start a Ray head as a separate cluster (its own ports and temp dir) in a process group of its own,
+    which every process it starts stays in; its job server's address and the group. Ray gives a
+    starting head's raylet a fixed 30 s to register (ray/_private/node.py), which a loaded machine can
+    miss: such a start is ended whole and tried again, up to HEAD_START_ATTEMPTS times."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
     # The job's entrypoint runs `python`: make it this environment's, as a cluster's setup does.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-                    f"--dashboard-agent-listen-port={_free_port()}",
-                    "--num-cpus=1", f"--temp-dir={temp_dir}",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
-    yield f"http://127.0.0.1:{dashboard_port}"
-    # `ray stop` would stop every Ray on the machine; end only this head's processes.
-    subprocess.run(["pkill", "-f", str(temp_dir)], check=False)
-    subprocess.run(["pkill", "-f", f"--gcs-address=[^ ]*:{gcs_port}"], check=False)
+    env.pop("RAY_ADDRESS", None)
+    failures = []
+    for _ in range(HEAD_START_ATTEMPTS):
+        dashboard_port = _free_port()
+        start = subprocess.Popen(
+            [ray_cli, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard_port}",
+             f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+             "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out, _ = start.communicate(timeout=HEAD_START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            start.kill()
+            out, _ = start.communicate()
+        if start.returncode == 0:
+            return f"http://127.0.0.1:{dashboard_port}", start.pid
+        stop_process_group(start.pid, HEAD_STOP_TIMEOUT_S)
+        failures.append(out.strip().splitlines()[-1] if out.strip() else f"exit code {start.returncode}")
+    pytest.fail(f"no Ray head started in {HEAD_START_ATTEMPTS} attempts: {failures}")
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head of its own; every process of it ended afterwards (`ray stop` would stop every Ray
+    on the machine)."""
+    address, group = start_head(tmp_path_factory.mktemp("rayhead"))
+    try:
+        yield address
+    finally:
+        stop_process_group(group, HEAD_STOP_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def fake_job_server(agent_refusals: int = 0, token_required_on: tuple[str, ...] = ()) -> Iterator[dict]:
+    """A loopback HTTP server answering the job API calls `rae submit --no-upload` makes, the way a
+    Ray head does in a given state: 401 (Ray's token middleware) on the paths in ``token_required_on``,
+    and Ray's "No available agent" 500 to the first ``agent_refusals`` submissions (a head whose job
+    agent is still starting), then the job accepted. Yields ``{"address", "seen": {"submissions"}}``."""
+    seen = {"submissions": 0}
+
+    class Head(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def reply(self, status: int, body: str) -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json" if body.startswith("{") else "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path in token_required_on:
+                self.reply(401, "Unauthorized: missing authentication token")
+            elif self.path == "/api/version":
+                self.reply(200, json.dumps({"version": "4", "ray_version": ray.__version__, "ray_commit": "fake"}))
+            else:
+                self.reply(404, f"{self.path} is not served here")
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path in token_required_on:
+                self.reply(401, "Unauthorized: missing authentication token")
+            elif self.path == "/api/jobs/":
+                seen["submissions"] += 1
+                if seen["submissions"] <= agent_refusals:
+                    self.reply(500, "No available agent to submit job, please try again later.")
+                else:
+                    self.reply(200, json.dumps({"job_id": "raysubmit_fake", "submission_id": "raysubmit_fake"}))
+            else:
+                self.reply(404, f"{self.path} is not served here")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Head)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {"address": f"http://127.0.0.1:{server.server_address[1]}", "seen": seen}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rae submit: error: ") and "Traceback" not in err, err
+    return err
 
 
 def test_entrypoint_runs_the_uploaded_project_cli():
@@ -80,8 +195,8 @@ def test_missing_address_is_a_clear_error(capsys, monkeypatch):
 
 
 def test_submitted_rae_command_succeeds_on_a_local_head(ray_head, capsys):
-    code = main(["submit", "--address", ray_head, "--wait", "--timeout", "180", "--",
-                 "rae", "models", "--kind", "dit", "--json"])
+    code = main(["submit", "--address", ray_head, "--wait", "--timeout", "600", "--agent-wait-s", "600",
+                 "--", "rae", "models", "--kind", "dit", "--json"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "follow logs: ray job logs" in out
@@ -90,7 +205,61 @@ def test_submitted_rae_command_succeeds_on_a_local_head(ray_head, capsys):
 
 
 def test_a_failing_command_fails_the_submission(ray_head, capsys):
-    code = main(["submit", "--address", ray_head, "--wait", "--timeout", "180", "--",
-                 "rae", "models", "--kind", "no-such-kind"])
+    code = main(["submit", "--address", ray_head, "--wait", "--timeout", "600", "--agent-wait-s", "600",
+                 "--", "rae", "models", "--kind", "no-such-kind"])
     assert code == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_a_closed_address_is_one_line_naming_it(capsys):
+    address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    assert main(["submit", "--address", address, "--no-upload", "--", "rae", "models"]) == 2
+    err = _one_line_error(capsys)
+    assert f"--address {address}: no Ray job server answers there (Connection refused)" in err
+    assert "ray start --head" in err and "8265" in err
+
+
+def test_the_address_given_wins_over_the_environments(capsys, monkeypatch):
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{_free_port()}")  # a closed one
+    with fake_job_server() as head:
+        assert main(["submit", "--address", head["address"], "--no-upload", "--", "rae", "models"]) == 0
+        assert head["seen"]["submissions"] == 1
+    assert f"submitted job raysubmit_fake to {head['address']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("refused_on", [("/api/version", "/api/jobs/"), ("/api/jobs/",)],
+                         ids=["on-every-call", "at-submission"])
+def test_a_token_refused_is_one_line_naming_the_variable(capsys, monkeypatch, refused_on):
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    with fake_job_server(token_required_on=refused_on) as head:
+        assert main(["submit", "--address", head["address"], "--no-upload", "--", "rae", "models"]) == 2
+    err = _one_line_error(capsys)
+    assert f"the cluster at {head['address']} requires a Ray auth token" in err
+    assert "export RAY_AUTH_TOKEN=<token>" in err and "ray get-auth-token" in err
+
+
+def test_a_starting_job_agent_is_waited_for_and_said_so(capsys):
+    with fake_job_server(agent_refusals=2) as head:
+        code = main(["submit", "--address", head["address"], "--no-upload", "--agent-wait-s", "600", "--",
+                     "rae", "models"])
+        assert head["seen"]["submissions"] == 3
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count(f"waiting up to 600 s for the job agent at {head['address']}") == 1, out
+    assert "submitted job raysubmit_fake" in out
+
+
+def test_a_job_agent_that_never_answers_is_one_line_after_the_wait(capsys):
+    with fake_job_server(agent_refusals=10**6) as head:
+        code = main(["submit", "--address", head["address"], "--no-upload", "--agent-wait-s", "1", "--",
+                     "rae", "models"])
+        assert head["seen"]["submissions"] >= 2  # it did retry
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert f"the job agent at {head['address']} did not answer within 1 s" in err and "--agent-wait-s" in err
+
+
+def test_a_negative_agent_wait_is_refused(capsys):
+    assert main(["submit", "--address", "http://127.0.0.1:1", "--agent-wait-s", "-1", "--", "rae", "models"]) == 2
+    assert "--agent-wait-s -1: must be 0 or more seconds" in _one_line_error(capsys)

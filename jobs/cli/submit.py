@@ -13,10 +13,12 @@ only when ``RAY_AUTH_MODE=token`` is set too); without either, Ray's own lookup 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,9 @@ SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
                    "HF_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-AGENT_WAIT_S = 90.0  # how long a just-started head may take to accept jobs
+ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # --address's default, in this order
+AGENT_WAIT_S = 120.0  # how long a just-started head may take to accept jobs (its agent starts after it)
+AGENT_RETRY_S = 2.0
 
 
 def entrypoint_for(command: list[str]) -> str:
@@ -71,39 +75,24 @@ def auth_headers(environ: dict[str, str] | os._Environ) -> dict[str, str] | None
 
 
 def submit(args: argparse.Namespace) -> int:
-    import ray.exceptions
-    from ray.job_submission import JobSubmissionClient
-
-    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    address = args.address or next((os.environ[name] for name in ADDRESS_ENV_VARS if os.environ.get(name)), None)
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS "
                          "(after `ray up cluster.yaml`, `ray dashboard cluster.yaml` forwards it to localhost:8265)")
+    if args.agent_wait_s < 0:
+        raise ValueError(f"--agent-wait-s {args.agent_wait_s:g}: must be 0 or more seconds")
     entrypoint = entrypoint_for(args.rae_command)
     working_dir = None if args.no_upload else Path(args.working_dir)
     runtime_env = runtime_env_for(working_dir, args.forward_secrets, dict(os.environ))
-    try:
-        client = JobSubmissionClient(address, headers=auth_headers(os.environ))
-    except ray.exceptions.AuthenticationError as error:
-        raise PermissionError(f"the cluster at {address} requires a Ray auth token and this shell's was not "
-                              f"accepted ({' '.join(error.message.split())}): export RAY_AUTH_TOKEN=<token> (on the head, "
-                              f"`ray get-auth-token` prints it) and submit again") from None
-    except ConnectionError as error:
-        raise ConnectionError(f"no Ray job server at {address}: {error}") from None
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            job_id = client.submit_job(
-                entrypoint=entrypoint,
-                runtime_env=runtime_env,
-                submission_id=args.job_id,
-                entrypoint_num_cpus=args.entrypoint_num_cpus,
-                entrypoint_num_gpus=args.entrypoint_num_gpus,
-            )
-            break
-        except RuntimeError as error:  # a head that has just started has no job agent yet
-            if "No available agent" not in str(error) or time.monotonic() > deadline:
-                raise
-            time.sleep(2.0)
+    with cluster_errors(address):
+        client = connect(address, auth_headers(os.environ))
+        job_id = submit_when_agent_answers(client, address, args.agent_wait_s, dict(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=args.job_id,
+            entrypoint_num_cpus=args.entrypoint_num_cpus,
+            entrypoint_num_gpus=args.entrypoint_num_gpus,
+        ))
     forwarded = ", ".join(sorted(runtime_env["env_vars"])) or "none"
     print(f"submitted job {job_id} to {address}")
     print(f"  entrypoint: {entrypoint}")
@@ -112,7 +101,86 @@ def submit(args: argparse.Namespace) -> int:
     print(f"  stop it:     ray job stop --address {address} {job_id}")
     if not args.wait:
         return 0
-    return wait_for(client, job_id, timeout_s=args.timeout)
+    with cluster_errors(address, following=job_id):
+        return wait_for(client, job_id, timeout_s=args.timeout)
+
+
+@contextlib.contextmanager
+def cluster_errors(address: str, following: str | None = None) -> Iterator[None]:
+    """Ray's failures to reach the cluster at ``address`` as one line each: a token the cluster
+    refuses (PermissionError), no job server answering (ValueError naming the address). ``following``:
+    the job already submitted, which keeps running whatever happens to this connection."""
+    import ray.exceptions
+    import requests
+
+    try:
+        yield
+    except ray.exceptions.AuthenticationError as error:
+        raise PermissionError(f"the cluster at {address} requires a Ray auth token and this shell's was not "
+                              f"accepted ({' '.join(error.message.split())}): export RAY_AUTH_TOKEN=<token> (on the head, "
+                              f"`ray get-auth-token` prints it) and submit again") from None
+    except (ConnectionError, requests.exceptions.ConnectionError, ray.exceptions.RpcError) as error:
+        if following:
+            raise ValueError(f"lost the connection to the Ray job server at {address} ({root_reason(error)}); job "
+                             f"{following} keeps running there: ray job logs --address {address} --follow {following}"
+                             ) from None
+        bare = "" if "://" in address else " (without http://, Ray takes it for the head's GCS address)"
+        raise ValueError(f"--address {address}: no Ray job server answers there{bare} ({root_reason(error)}). Is "
+                         f"the head up? Start one with `ray start --head --dashboard-host 0.0.0.0`; its job server "
+                         f"listens on the dashboard port, 8265 by default: --address http://HEAD:8265") from None
+
+
+def root_reason(error: BaseException) -> str:
+    """The innermost cause of a connection failure in words ("Connection refused", "Name or service
+    not known"), not the chain of wrappers Ray and requests put around it."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return getattr(error, "strerror", None) or " ".join(str(error).split()) or type(error).__name__
+
+
+def connect(address: str, headers: dict[str, str] | None):
+    """A job client for the cluster at ``address``; Ray's client checks that a job server answers.
+    Ray's client would prefer ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` over the address it is
+    given, sending the job elsewhere than --address says: they are hidden from it meanwhile (they
+    already served as the default for --address)."""
+    from ray.job_submission import JobSubmissionClient
+
+    hidden = {name: os.environ.pop(name) for name in ADDRESS_ENV_VARS if name in os.environ}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    finally:
+        os.environ.update(hidden)
+
+
+def agent_not_ready(error: RuntimeError) -> bool:
+    """Whether a refused submission says the head's job agent is not up yet: the head found no agent
+    within its own 10 s (Ray's "No available agent"), or found its address but nothing listens there yet."""
+    text = str(error)
+    return any(sign in text for sign in ("No available agent", "ClientConnectorError", "Cannot connect to host"))
+
+
+def submit_when_agent_answers(client, address: str, wait_s: float, job: dict) -> str:
+    """Submit ``job``, retrying while the head's job agent is still starting (a just-started head
+    answers, but takes no job, until its agent is up); one line says so while waiting, and a
+    ValueError after ``wait_s`` names what did not answer."""
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if not agent_not_ready(error):
+                raise
+            if time.monotonic() >= deadline:
+                raise ValueError(f"the job agent at {address} did not answer within {wait_s:.0f} s: the head's job "
+                                 f"server is up but takes no job until its agent starts. If the head has just "
+                                 f"started, submit again or raise --agent-wait-s; otherwise see dashboard_agent.log "
+                                 f"in the head's Ray log folder (/tmp/ray/session_latest/logs)") from None
+            if not announced:
+                print(f"waiting up to {wait_s:.0f} s for the job agent at {address} (the head's job server answers; "
+                      f"its agent is still starting)", flush=True)
+                announced = True
+            time.sleep(AGENT_RETRY_S)
 
 
 def wait_for(client, job_id: str, timeout_s: float | None) -> int:
@@ -171,6 +239,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--wait", action="store_true", help="stream logs and exit with the job's result; Ctrl-C "
                         "stops the waiting, not the job (it prints how to stop the job)")
     parser.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many s")
+    parser.add_argument("--agent-wait-s", type=float, default=AGENT_WAIT_S,
+                        help="how long to wait for the head's job agent to take the job; a just-started head "
+                             f"answers before its agent is up (default {AGENT_WAIT_S:.0f})")
     parser.add_argument("rae_command", nargs=argparse.REMAINDER, help="-- then the rae command to run")
     parser.set_defaults(func=_run)
 
