@@ -95,9 +95,9 @@ def test_the_cli_trains_on_a_relative_store_and_ends_with_where_the_export_is(tm
     store = os.path.relpath(class_store, tmp_path)
     code = cli_main(["train", "dit", "--run", "dit-cli", "--storage", "runs", "--store", store, "--config", "tiny.json",
                      "--epochs", "1", "--num-workers", "1", "--max-failures", "0"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     export = tmp_path / "runs" / "dit-cli" / "export"
-    assert code == 0
+    assert code == 0, err.splitlines()[-1:]  # the failure's one line
     assert [line for line in out.splitlines() if line.startswith("rae train dit:")] == [
         f"rae train dit: finished run dit-cli at step 4; export at {export}"]
     _, config = load_exported_model(str(export))
