@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from jobs.user_paths import PathField, as_path_fields, with_absolute_paths
+
 T = TypeVar("T")
 
 
@@ -210,9 +212,13 @@ def default_at(base: Any, path: str) -> Any:
     return value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, base: Any, flags: Sequence[Flag]) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, base: Any, flags: Sequence[Flag],
+                         paths: Sequence[str | PathField] = ()) -> None:
     """Add ``flags``, ``--config`` and ``--set`` to a command whose config is built from ``base``
-    (read back with :func:`config_from_args`)."""
+    (read back with :func:`config_from_args`). ``paths`` are the fields that hold the user's paths
+    or URLs, however they are set (:func:`absolute_paths` makes them absolute)."""
+    for spec in as_path_fields(paths):
+        default_at(base, spec.field)  # raises for a field the config does not have
     for flag in flags:
         default = default_at(base, flag.field)  # also checks that the field exists
         if flag.const is not _UNSET:
@@ -237,7 +243,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, base: Any, flags: Sequ
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set one config field by dotted name, e.g. --set " + (flags[0].field if flags else "x")
                              + "=...; a flag naming the same field must agree")
-    parser.set_defaults(config_base=base, config_flags=tuple(flags))
+    parser.set_defaults(config_base=base, config_flags=tuple(flags), config_paths=as_path_fields(paths))
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
@@ -282,3 +288,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         ordered = [flag.field for flag in args.config_flags if flag.field in missing.names]
         ordered += [name for name in missing.names if name not in ordered]
         raise MissingFields(ordered, [spellings.get(name, name) for name in ordered]) from None
+
+
+def absolute_paths(config: T, args: argparse.Namespace) -> T:
+    """``config`` (the command's, from :func:`config_from_args`) with every path field the command
+    declared made absolute: what the command runs with, whichever process opens the files."""
+    return with_absolute_paths(config, args.config_paths)

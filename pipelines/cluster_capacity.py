@@ -14,6 +14,7 @@ autoscaler may launch and how many of each, read from (first found wins)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -222,5 +223,10 @@ def autoscaler_launch_failures(node_types: tuple[str, ...] | None = None) -> lis
 
 
 def parse_actor_count(text: str) -> int | tuple[int, int]:
-    """argparse type of ``--num-actors``: N or MIN,MAX."""
-    return parse_count_range(text, "--num-actors")
+    """argparse type of ``--num-actors``: N or MIN,MAX (a refusal said as argparse says it,
+    ``argument --num-actors: '0': expected ...``, rather than ``invalid parse_actor_count value``)."""
+    try:
+        return parse_count_range(text, "--num-actors")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an actor count N >= 1, or MIN,MAX with "
+                                         f"1 <= MIN <= MAX (a pool that grows as GPU nodes join)") from None

@@ -7,6 +7,8 @@ The perceptual weight is 0.02 here, not the paper's 1.0: the EfficientNet distan
 start, so at 1.0 it swamps L1 (~0.25) and 48 steps are too few to beat the mean image in L1."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +123,15 @@ def test_census_counts_good_images_and_skips_the_corrupt_one(shards, ray_cluster
     assert counted.rows == GOOD_IMAGES and counted.num_classes == 2
     assert [r["key"] for r in counted.rejected] == ["scene/broken"]
     assert "not an image" in counted.rejected[0]["reason"]
+
+
+def test_a_global_batch_larger_than_the_usable_images_is_refused_before_launch(shards, ray_cluster, tmp_path):
+    config = tiny_config(shards, **{"loop.global_batch_size": 2 * GOOD_IMAGES})
+    with pytest.raises(ValueError, match=rf"^loop.global_batch_size={2 * GOOD_IMAGES} is larger than the usable "
+                                         rf"images in shards {re.escape(shards)} \({GOOD_IMAGES}\): an epoch would "
+                                         rf"have no step"):
+        train_decoder(config, run_name="big-batch", storage=str(tmp_path / "runs"), num_workers=2, max_failures=0)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_reconstruction_loss_decreases(trained):

@@ -3,8 +3,10 @@ on CPU): the loss falls, the EMA export loads into a working model, and a store 
 the DiT takes its latent space from the store's LatentSpec, which its export copies verbatim."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 from builders import CHANNELS, CLASSES, ROWS, TOKENS, class_latent_store, tiny_dit_config
 
+from jobs.cli.app import main as cli_main
 from jobs.train.export import export_url, load_exported_model
 from jobs.train.dit import DiTRunConfig, store_facts, train_dit
 from pipelines import latent_store
@@ -80,3 +83,23 @@ def test_dit_loss_decreases_and_export_loads(tmp_path, class_store, ray_cluster)
     assert all(math.isfinite(row["loss"]) for row in history) and "history" not in config
     print(f"DiT tiny: window-mean loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
           f"whole-store loss of the export {exported:.4f}, untrained {untrained:.4f}")
+
+
+def test_the_cli_trains_on_a_relative_store_and_ends_with_where_the_export_is(tmp_path, class_store, ray_cluster,
+                                                                               monkeypatch, capsys):
+    """Paths are relative to where the command runs, not to Ray's session folder the workers run in
+    (the export reads the store's statistics there)."""
+    monkeypatch.chdir(tmp_path)
+    tiny = json.loads(json.dumps(dataclasses.asdict(tiny_dit_config(class_store))))  # tuples as lists
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny))  # YAML is a superset of JSON
+    store = os.path.relpath(class_store, tmp_path)
+    code = cli_main(["train", "dit", "--run", "dit-cli", "--storage", "runs", "--store", store, "--config", "tiny.json",
+                     "--epochs", "1", "--num-workers", "1", "--max-failures", "0"])
+    out, err = capsys.readouterr()
+    export = tmp_path / "runs" / "dit-cli" / "export"
+    assert code == 0, err.splitlines()[-1:]  # the failure's one line
+    assert [line for line in out.splitlines() if line.startswith("rae train dit:")] == [
+        f"rae train dit: finished run dit-cli at step 4; export at {export}"]
+    _, config = load_exported_model(str(export))
+    assert config["step"] == 4 and config["store"] == class_store
+    assert (export / STATS_FILE).read_bytes() == (Path(class_store) / STATS_FILE).read_bytes()

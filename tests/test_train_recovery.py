@@ -20,14 +20,10 @@ STEPS_PER_EPOCH = 4  # 64 rows / global batch 16
 
 
 @pytest.fixture(scope="module")
-def wandb_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("wandb")
-
-
-@pytest.fixture(scope="module")
-def ray_env(s3, wandb_dir) -> dict[str, str]:
-    """The S3 server starts before Ray, so the workers inherit its endpoint; wandb writes offline."""
-    return {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
+def ray_env(s3) -> dict[str, str]:
+    """The S3 server starts before Ray, so the workers inherit its endpoint; wandb writes offline
+    (where: the run's folder, not set here)."""
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
 def _run(store: str, storage: str, run: str, epochs: int, **sets):
@@ -60,9 +56,11 @@ def test_corrupted_latest_checkpoint_is_reported_and_the_relaunch_falls_back(tmp
     assert message in _worker_logs() and "falling back to the previous checkpoint" in _worker_logs()
 
 
-def test_wandb_offline_run_is_written_once_with_the_run_name_as_id(tmp_path, class_store, wandb_dir, ray_cluster):
+def test_wandb_offline_run_is_written_once_in_the_runs_folder_with_the_run_name_as_id(tmp_path, class_store,
+                                                                                      ray_cluster, monkeypatch):
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     _run(class_store, str(tmp_path / "runs"), "dit-wandb", epochs=1, **{"loop.wandb.project": "rae-test"})
-    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    runs = sorted((tmp_path / "runs" / "dit-wandb" / "wandb").glob("offline-run-*"))  # not in Ray's session folder
     assert len(runs) == 1 and runs[0].name.endswith("-dit-wandb")  # one run (rank 0 only), id = run name
     assert (runs[0] / "run-dit-wandb.wandb").is_file()
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from pipelines.cluster_capacity import parse_actor_count
 from rae.devices import DEVICE_CHOICES
-from jobs.config_overrides import Flag, add_config_arguments, config_from_args
+from jobs.config_overrides import Flag, absolute_paths, add_config_arguments, config_from_args
+from jobs.user_paths import absolute_location
 
 _STORAGE_HELP = ("any fsspec URL (file://, s3://, gs://, memory://) or a path; S3 endpoints and credentials come "
                  "from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
@@ -86,10 +87,10 @@ def _register_shards(subparsers: argparse._SubParsersAction) -> None:
     make = commands.add_parser("make", help="image folder (SRC/<class>/<image>) -> tar shards at DEST",
                                description="Pack SRC/<class>/<image> into DEST/shard-000000.tar, ... with .cls "
                                            "labels and DEST/classes.json. Keys are <class>/<stem>.")
-    add_config_arguments(make, ShardsMakeConfig, SHARDS_MAKE_FLAGS)
+    add_config_arguments(make, ShardsMakeConfig, SHARDS_MAKE_FLAGS, paths=("src", "dest"))
     make.set_defaults(func=_run_shards_make)
     extract = commands.add_parser("extract", help="tar shards -> image folder DEST/<class>/<image>")
-    add_config_arguments(extract, ShardsExtractConfig, SHARDS_EXTRACT_FLAGS)
+    add_config_arguments(extract, ShardsExtractConfig, SHARDS_EXTRACT_FLAGS, paths=("shards", "dest"))
     extract.set_defaults(func=_run_shards_extract)
 
 
@@ -102,7 +103,7 @@ def _register_encode(subparsers: argparse._SubParsersAction) -> None:
                     "cluster has GPUs or its autoscaler can add GPU nodes: the pool grows as they join), write Parquet + manifest + normalization stats. Rerunning finishes an "
                     "interrupted store; a store made with another encoder or preprocessing is refused. "
                     "Config: pipelines.encode.EncodeConfig.")
-    add_config_arguments(encode, EncodeConfig, ENCODE_FLAGS)
+    add_config_arguments(encode, EncodeConfig, ENCODE_FLAGS, paths=("shards", "store", "encoder_weights"))
     encode.add_argument("--address", help="Ray cluster address (default: the current or a new local instance)")
     encode.set_defaults(func=_run_encode)
 
@@ -111,17 +112,17 @@ def _register_store(subparsers: argparse._SubParsersAction) -> None:
     store = subparsers.add_parser("store", help="inspect or verify a latent store")
     commands = store.add_subparsers(dest="store_command", metavar="<info|verify>", required=True)
     info = commands.add_parser("info", help="what a store holds (from its manifest)")
-    info.add_argument("url")
+    info.add_argument("url", type=absolute_location)
     info.set_defaults(func=_run_store_info)
     verify = commands.add_parser("verify", help="read every row: counts, duplicates, shapes, NaN/inf, stats")
-    verify.add_argument("url")
+    verify.add_argument("url", type=absolute_location)
     verify.set_defaults(func=_run_store_verify)
 
 
 def _run_shards_make(args: argparse.Namespace) -> int:
     from pipelines.shards import make_shards
 
-    config: ShardsMakeConfig = config_from_args(args)
+    config: ShardsMakeConfig = absolute_paths(config_from_args(args), args)
     report = make_shards(config.src, config.dest, max_count=config.max_count, max_bytes=int(config.max_mb * 2**20),
                          shuffle_seed=config.seed if config.shuffle else None, prefix=config.prefix,
                          progress=config.progress)
@@ -134,7 +135,7 @@ def _run_shards_make(args: argparse.Namespace) -> int:
 def _run_shards_extract(args: argparse.Namespace) -> int:
     from pipelines.shards import extract_shards
 
-    config: ShardsExtractConfig = config_from_args(args)
+    config: ShardsExtractConfig = absolute_paths(config_from_args(args), args)
     report = extract_shards(config.shards, config.dest, progress=config.progress)
     print(f"{report.images} images -> {config.dest}")
     for item in report.rejected:
@@ -147,7 +148,7 @@ def _run_encode(args: argparse.Namespace) -> int:
 
     from pipelines.encode import encode_to_store
 
-    config = config_from_args(args)
+    config = absolute_paths(config_from_args(args), args)
     if args.address and not ray.is_initialized():
         ray.init(address=args.address)
     result = encode_to_store(config)

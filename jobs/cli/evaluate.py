@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from jobs.cli.output import emit_json
-from jobs.config_overrides import Flag, MissingFields, add_config_arguments, config_from_args
+from jobs.config_overrides import Flag, MissingFields, absolute_paths, add_config_arguments, config_from_args
 from jobs.train.export import load_exported_model
+from jobs.user_paths import PathField
 from rae.devices import DEVICE_CHOICES, pick_device
 
 
@@ -81,6 +82,7 @@ SCORING_FLAGS = (
     Flag("device", "auto: the GPU when there is one", choices=DEVICE_CHOICES),
     Flag("json_out", "also write the JSON result to this file"),
 )
+SCORING_PATHS = (PathField("inception", words=("offline",)), "json_out")
 EVAL_FLAGS = (
     Flag("samples", "ADM .npz, a `rae sample` output folder, or a folder of PNGs"),
     Flag("ref", "reference statistics .npz (`rae eval reference`, or an ADM reference batch)"),
@@ -108,7 +110,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from rae.evaluation import evaluate
 
     try:
-        config: EvalConfig = config_from_args(args)
+        config: EvalConfig = absolute_paths(config_from_args(args), args)
     except MissingFields:
         raise ValueError("rae eval needs --samples, --ref and --inception (or a subcommand: reference, rfid)") from None
     extractor = _inception(config.inception, pick_device(config.device))
@@ -122,7 +124,7 @@ def _run_reference(args: argparse.Namespace) -> int:
     from pipelines.eval_images import iter_shard_images
     from rae.evaluation import compute_reference_stats
 
-    config: ReferenceConfig = config_from_args(args)
+    config: ReferenceConfig = absolute_paths(config_from_args(args), args)
     extractor = _inception(config.inception, pick_device(config.device))
     images = iter_shard_images(config.shards, config.image_size, batch_size=config.batch_size,
                                max_images=config.max_images)
@@ -142,7 +144,7 @@ def _run_rfid(args: argparse.Namespace) -> int:
     from rae.evaluation import DinoV2Features, reconstruction_fid
     from rae.latent_spec import check_same_latents
 
-    config: RfidConfig = config_from_args(args)
+    config: RfidConfig = absolute_paths(config_from_args(args), args)
     device = pick_device(config.device)
     trained_on = read_export_facts(config.decoder, "decoder").latent_spec
     encoder = load_encoder(trained_on.encoder, weights=config.encoder_weights, input_size=trained_on.input_size,
@@ -178,16 +180,16 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
                                           "(inception-2015-12-05.pt), comparable with papers; --inception "
                                           "offline: the offline stand-in, numbers labelled as such. "
                                           "Configs: jobs.cli.evaluate.EvalConfig, ReferenceConfig, RfidConfig.")
-    add_config_arguments(p, EvalConfig, EVAL_FLAGS)
+    add_config_arguments(p, EvalConfig, EVAL_FLAGS, paths=("samples", "ref", *SCORING_PATHS))
     p.set_defaults(func=_run_eval)
     sub = p.add_subparsers(dest="eval_command", metavar="[reference|rfid]")
 
     ref = sub.add_parser("reference", help="reference statistics of real images from shards")
-    add_config_arguments(ref, ReferenceConfig, REFERENCE_FLAGS)
+    add_config_arguments(ref, ReferenceConfig, REFERENCE_FLAGS, paths=("shards", "out", *SCORING_PATHS))
     ref.set_defaults(func=_run_reference)
 
     rfid = sub.add_parser("rfid", help="rFID of a decoder: reconstructions of shards vs the cropped originals")
-    add_config_arguments(rfid, RfidConfig, RFID_FLAGS)
+    add_config_arguments(rfid, RfidConfig, RFID_FLAGS, paths=("decoder", "shards", "encoder_weights", *SCORING_PATHS))
     rfid.set_defaults(func=_run_rfid)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.cli.output import emit_json
-from jobs.config_overrides import Flag, add_config_arguments, config_from_args
+from jobs.config_overrides import Flag, absolute_paths, add_config_arguments, config_from_args
 
 OFFICIAL_FLAGS = (
     Flag("out", "export root: writes OUT/decoder, OUT/dit (with the statistics) and OUT/guide"),
@@ -33,7 +33,7 @@ OFFICIAL_FLAGS = (
 def _run_import_official(args: argparse.Namespace) -> int:
     from jobs.model_import import import_official
 
-    imported = import_official(config_from_args(args))
+    imported = import_official(absolute_paths(config_from_args(args), args))
     commands = {"sample": f"rae sample --dit {imported.exports['dit']} --decoder {imported.exports['decoder']}"
                           + (f" --guide {imported.exports['guide']} --guide-scale 1.42" if "guide" in imported.exports
                              else "") + " --out SAMPLES"} if {"dit", "decoder"} <= set(imported.exports) else {}
@@ -57,7 +57,7 @@ DIFFUSERS_EXPORT_FLAGS = (
 def _run_import_diffusers(args: argparse.Namespace) -> int:
     from jobs.diffusers_io import import_diffusers
 
-    config = config_from_args(args)
+    config = absolute_paths(config_from_args(args), args)
     emit_json(import_diffusers(config.source, config.out, encoder=config.encoder or None))
     return 0
 
@@ -65,7 +65,7 @@ def _run_import_diffusers(args: argparse.Namespace) -> int:
 def _run_export_diffusers(args: argparse.Namespace) -> int:
     from jobs.diffusers_io import export_diffusers
 
-    config = config_from_args(args)
+    config = absolute_paths(config_from_args(args), args)
     emit_json(export_diffusers(config.decoder, config.out, encoder_weights=config.encoder_weights or None,
                                stats=config.stats or None))
     return 0
@@ -84,14 +84,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "stat.pt) into export folders under --out. The latent spec they record is "
                                      "the configured encoder's (its weights are loaded once for their digest). "
                                      "Config: jobs.model_import.OfficialImportConfig.")
-    add_config_arguments(p, OfficialImportConfig, OFFICIAL_FLAGS)
+    # decoder_config / dit_config / guide_config name a preset or a file: read here, by this process
+    add_config_arguments(p, OfficialImportConfig, OFFICIAL_FLAGS,
+                         paths=("out", "decoder", "dit", "guide", "stats", "encoder_weights"))
     p.set_defaults(func=_run_import_official)
     p = kinds.add_parser("diffusers", help="a diffusers AutoencoderRAE folder: its decoder as an export",
                          description="Convert a diffusers AutoencoderRAE folder into a decoder export, with its "
                                      "encoder's weights (timm layout, encoder.safetensors) and its latent "
                                      "normalisation (stats.safetensors) beside it. Config: "
                                      "jobs.diffusers_io.DiffusersImportConfig.")
-    add_config_arguments(p, DiffusersImportConfig, DIFFUSERS_IMPORT_FLAGS)
+    add_config_arguments(p, DiffusersImportConfig, DIFFUSERS_IMPORT_FLAGS, paths=("source", "out"))
     p.set_defaults(func=_run_import_diffusers)
 
     exporting = subparsers.add_parser("export", help="write a trained decoder in another format (diffusers)",
@@ -102,5 +104,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                        "optionally their statistics) as a folder that "
                                        "diffusers.AutoencoderRAE.from_pretrained loads. Config: "
                                        "jobs.diffusers_io.DiffusersExportConfig.")
-    add_config_arguments(p, DiffusersExportConfig, DIFFUSERS_EXPORT_FLAGS)
+    add_config_arguments(p, DiffusersExportConfig, DIFFUSERS_EXPORT_FLAGS,
+                         paths=("decoder", "out", "encoder_weights", "stats"))
     p.set_defaults(func=_run_export_diffusers)

@@ -11,7 +11,7 @@ import argparse
 from jobs.cli.output import emit_json
 from pipelines.cluster_capacity import parse_actor_count
 from rae.devices import DEVICE_CHOICES
-from jobs.config_overrides import Flag, add_config_arguments, config_from_args
+from jobs.config_overrides import Flag, absolute_paths, add_config_arguments, config_from_args
 from jobs.train.export import load_exported_model
 
 
@@ -70,7 +70,7 @@ SAMPLE_FLAGS = (
 def _run_sample(args: argparse.Namespace) -> int:
     from pipelines.sample_job import run_sampling
 
-    result = run_sampling(config_from_args(args), loader=load_exported_model)
+    result = run_sampling(absolute_paths(config_from_args(args), args), loader=load_exported_model)
     emit_json({"out": result.out, "num_samples": result.num_samples, "parts": result.parts,
                "sampled_parts": result.sampled_parts, "samples_npz": result.samples_npz})
     return 0
@@ -84,7 +84,7 @@ def _add_sample(subparsers: argparse._SubParsersAction) -> None:
                                           "none), parts written atomically, rerun the same command to resume. "
                                           "Writes the ADM evaluation suite's samples.npz. "
                                           "Config: pipelines.sample_job.SampleConfig.")
-    add_config_arguments(p, SampleConfig, SAMPLE_FLAGS)
+    add_config_arguments(p, SampleConfig, SAMPLE_FLAGS, paths=("dit", "decoder", "out", "guide"))
     p.set_defaults(func=_run_sample)
 
 

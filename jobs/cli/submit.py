@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from jobs.user_paths import absolute_location
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Never uploaded with the working dir: environments, caches and the artifacts runs write locally.
@@ -222,7 +224,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--address", help="the cluster's job server, e.g. http://127.0.0.1:8265 "
                                           "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
-    parser.add_argument("--working-dir", default=str(PROJECT_ROOT),
+    parser.add_argument("--working-dir", default=str(PROJECT_ROOT), type=absolute_location,
                         help="directory uploaded as the job's working dir (default: this project)")
     parser.add_argument("--no-upload", action="store_true",
                         help="upload nothing: run the rae installed on the cluster's nodes, for clusters whose nodes "

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
-from jobs.config_overrides import Flag, add_config_arguments, command_line_fields, config_from_args
-from jobs.train.launch import parse_num_workers
+from jobs.config_overrides import Flag, absolute_paths, add_config_arguments, command_line_fields, config_from_args
+from jobs.train.launch import num_workers_argument
+from jobs.user_paths import absolute_location
 from rae.devices import DEVICE_CHOICES
 
 EPOCHS_FLAG = Flag("loop.epochs", "total epochs; the LR schedule's end (optim.schedule.decay_end_epoch) moves "
@@ -25,15 +29,18 @@ DECODER_FLAGS = (
                          "discriminator=dinov2-s-offline)"),
     EPOCHS_FLAG,
 )
+WANDB_DIR_FIELD = "loop.wandb.dir"
+DIT_PATHS = ("store", WANDB_DIR_FIELD)
+DECODER_PATHS = ("shards", "encoder_weights", "lpips_weights", "perceptual_weights", "disc_weights", WANDB_DIR_FIELD)
 
 
 def _launch_flags(parser: argparse.ArgumentParser) -> None:
     """Where and how the run goes; not part of its config (a run resumed on other workers is the same run)."""
     parser.add_argument("--run", required=True, help="run name: the id of its checkpoints and wandb run; "
                         "rerun the same name to resume")
-    parser.add_argument("--storage", required=True, help="where runs live: a path or fsspec URL "
+    parser.add_argument("--storage", required=True, type=absolute_location, help="where runs live: a path or fsspec URL "
                         "(file://, s3://, gs://)")
-    parser.add_argument("--num-workers", default="auto", type=parse_num_workers, metavar="auto|N|MIN,MAX",
+    parser.add_argument("--num-workers", default="auto", type=num_workers_argument, metavar="auto|N|MIN,MAX",
                         help="N workers, or MIN,MAX for an elastic run that grows as nodes join and shrinks when "
                              "one is lost (the global batch stays fixed). auto (default): 1..one per GPU the "
                              "cluster can have, read from its autoscaler's node types rather than the GPUs up "
@@ -67,18 +74,43 @@ def launch_options(args: argparse.Namespace) -> dict[str, Any]:
             "resize_check_s": args.resize_check_s, "max_failures": args.max_failures}
 
 
+def finish_run(command: str, run_name: str, storage: str, train: Callable[[], Any]) -> int:
+    """Run ``train`` (it returns Ray's Result) and end with one line: where the export is, or why
+    the run failed and where the workers' logs are (``RAE_DEBUG=1``: the traceback instead)."""
+    from ray.train import TrainingFailedError
+
+    from jobs.train.export import export_url
+    from jobs.train.launch import describe_failure, worker_logs_location
+
+    try:
+        result = train()
+    except TrainingFailedError as error:
+        if os.environ.get("RAE_DEBUG"):
+            raise
+        print(f"{command}: error: run {run_name} failed: {describe_failure(error)}; the workers' logs are in "
+              f"{worker_logs_location()} (RAE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    step = (result.metrics or {}).get("step")
+    at = f" at step {step}" if step is not None else ""
+    print(f"{command}: finished run {run_name}{at}; export at {export_url(storage, run_name)}", flush=True)
+    return 0
+
+
 def _run_dit(args: argparse.Namespace) -> int:
     from jobs.train.dit import train_dit
 
-    result = train_dit(run_config_from_args(args), run_name=args.run, storage=args.storage, **launch_options(args))
-    return 0 if result.error is None else 1
+    config = absolute_paths(run_config_from_args(args), args)
+    return finish_run("rae train dit", args.run, args.storage,
+                      lambda: train_dit(config, run_name=args.run, storage=args.storage, **launch_options(args)))
 
 
 def _run_decoder(args: argparse.Namespace) -> int:
     from jobs.train.decoder import train_decoder
 
-    result = train_decoder(run_config_from_args(args), run_name=args.run, storage=args.storage, **launch_options(args))
-    return 0 if result.error is None else 1
+    config = absolute_paths(run_config_from_args(args), args)
+    return finish_run("rae train decoder", args.run, args.storage,
+                      lambda: train_decoder(config, run_name=args.run, storage=args.storage, **launch_options(args)))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,12 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dit = which.add_parser("dit", help="DiT^DH flow matching on a latent store",
                            description="Run config: jobs.train.dit.DiTRunConfig (defaults: the paper's DiT^DH-XL).")
     _launch_flags(dit)
-    add_config_arguments(dit, DiTRunConfig, DIT_FLAGS)
+    add_config_arguments(dit, DiTRunConfig, DIT_FLAGS, paths=DIT_PATHS)
     dit.set_defaults(func=_run_dit)
     decoder = which.add_parser("decoder", help="the RAE pixel decoder (L1 + LPIPS + GAN) on image shards "
                                "through the frozen encoder",
                                description="Run config: jobs.train.decoder.DecoderRunConfig (defaults: the "
                                            "paper's ViT-XL decoder on DINOv2-B).")
     _launch_flags(decoder)
-    add_config_arguments(decoder, DecoderRunConfig, DECODER_FLAGS)
+    add_config_arguments(decoder, DecoderRunConfig, DECODER_FLAGS, paths=DECODER_PATHS)
     decoder.set_defaults(func=_run_decoder)

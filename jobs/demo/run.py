@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config_overrides import Flag, add_config_arguments, config_from_args
+from jobs.config_overrides import Flag, absolute_paths, add_config_arguments, config_from_args
 from jobs.train.decoder import DecoderRunConfig
 from jobs.train.dit import DiTRunConfig
 from pipelines.encode import EncodeConfig
@@ -246,11 +246,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "with real photographs that ship with scikit-image and the offline DINOv2-S encoder. "
                     "Rerun in the same --workdir to reuse finished stages. Its sizes: jobs.demo.run.DemoConfig.")
     parser.add_argument("--workdir", default="rae-demo", help="where everything goes (default: ./rae-demo)")
-    add_config_arguments(parser, DemoConfig, DEMO_FLAGS)
+    add_config_arguments(parser, DemoConfig, DEMO_FLAGS, paths=("encoder_weights",))
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    index = run_demo(Path(args.workdir), config_from_args(args))
+    index = run_demo(Path(args.workdir), absolute_paths(config_from_args(args), args))
     print(f"[demo] open {index}")
     return 0

@@ -42,7 +42,7 @@ import torch
 
 from jobs.train.checkpointing import ModelState
 from pipelines.decoder_crops import census, crop_dataset, crop_sizes
-from jobs.train.launch import train_task
+from jobs.train.launch import check_batch_fits, check_run_length, train_task
 from jobs.train.lr_schedule import LRSchedule
 from jobs.train.optimizer_step import Batch, accumulate_gradients, apply_update, read_logs
 from jobs.train.parallelize import autocast, average_gradients, shard_model
@@ -272,8 +272,10 @@ def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, **la
     (num_workers, device, max_failures, gpu_wait_s, ...) go to :func:`jobs.train.launch.launch`."""
     if not config.shards:
         raise ValueError("no image shards given: pass --shards URL (or shards: in the config)")
+    check_run_length(config.loop)
     facts = resolve_facts(config)
     counted = census(config.shards, resize=facts.resize)
+    check_batch_fits(config.loop, counted.rows, f"the usable images in shards {config.shards}")
     facts = dataclasses.replace(facts, rows=counted.rows)
     print(f"[{run_name}] {counted.rows} usable images in {len(counted.shards)} shard(s) at {config.shards}, "
           f"{len(counted.rejected)} skipped; crops {facts.resize} -> {facts.crop} px; latents "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.train.launch import train_task
+from jobs.train.launch import check_batch_fits, check_run_length, train_task
 from jobs.train.lr_schedule import LRSchedule
 from jobs.train.loop import LoopConfig, OptimConfig, SingleModelTask
 from pipelines import latent_store, storage
@@ -120,8 +120,10 @@ def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, **launch_opt
 
     if not config.store:
         raise ValueError("no latent store given: pass --store URL (or store: in the config)")
+    check_run_length(config.loop)
     store = open_store(config.store)
     facts = store_facts(store.manifest, config, config.store)
+    check_batch_fits(config.loop, facts.rows, f"the rows of store {config.store}")
     task = DiTTask(config, facts)
     with torch.device("meta"):  # refuse a bad model config (e.g. too narrow) before launching anything
         task.build_model()

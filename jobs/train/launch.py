@@ -7,7 +7,10 @@ the wandb run id.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +32,36 @@ def parse_num_workers(text: str | int | tuple[int, int]) -> int | tuple[int, int
     if isinstance(text, str) and text.strip() == AUTO:
         return AUTO
     return parse_count_range(text, "--num-workers")
+
+
+def num_workers_argument(text: str) -> int | tuple[int, int] | str:
+    """argparse type of ``--num-workers``: :func:`parse_num_workers`, its refusal said as argparse
+    says it (``argument --num-workers: '0': expected ...``) rather than ``invalid ... value``."""
+    try:
+        return parse_num_workers(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, a worker count N >= 1, or MIN,MAX with "
+                                         f"1 <= MIN <= MAX (an elastic run)") from None
+
+
+def check_run_length(loop: Any) -> None:
+    """Refuse, before anything loads or launches, a run that would train nothing (``loop.epochs``
+    below 1) or that has no batch to take."""
+    if loop.epochs < 1:
+        raise ValueError(f"--epochs {loop.epochs} (loop.epochs): a run trains at least 1 epoch; pass --epochs N "
+                         f"with N >= 1")
+    for name in ("global_batch_size", "max_micro_batch"):
+        if getattr(loop, name) < 1:
+            raise ValueError(f"loop.{name}={getattr(loop, name)}: expected a size >= 1")
+
+
+def check_batch_fits(loop: Any, rows: int, data: str) -> None:
+    """Refuse before launch a global batch larger than the data (an epoch would have no step).
+    ``data`` names what ``rows`` counts (``the rows of store URL``)."""
+    if loop.global_batch_size > rows:
+        raise ValueError(f"loop.global_batch_size={loop.global_batch_size} is larger than {data} ({rows}): an "
+                         f"epoch would have no step; pass --set loop.global_batch_size=N with N <= {rows}, "
+                         f"or train on more data")
 
 
 @dataclass(frozen=True)
@@ -207,10 +240,50 @@ def train_task(task: Any, loop: Any, *, rows: int, run_config: dict[str, Any], r
     Both ``rae train decoder`` and ``rae train dit`` come through here; returns Ray's ``Result``."""
     from jobs.train.export import export_url
 
+    loop = with_wandb_dir(loop, storage, run_name)
     payload = {"task": task, "loop": loop, "rows": rows, "run_config": run_config, "run_name": run_name,
                "export_url": export_url(absolute_storage(storage), run_name)}
     return launch(_fit_task, payload, run_name=run_name, storage=storage, datasets={"train": dataset},
                   keep_checkpoints=loop.keep_checkpoints, **launch_options)
+
+
+def with_wandb_dir(loop: Any, storage: str, run_name: str) -> Any:
+    """``loop`` with wandb writing into the run's folder, ``<storage>/<run_name>`` (wandb adds its
+    ``wandb/`` folder there), when the storage is on a local disk and neither ``loop.wandb.dir``
+    nor ``WANDB_DIR`` says otherwise. With a remote storage wandb keeps its own default: the
+    worker's working directory (Ray's session folder on rank 0's node), unless one of those is set."""
+    if loop.wandb.dir is not None or os.environ.get("WANDB_DIR") or urlparse(storage).scheme not in ("", "file"):
+        return loop
+    run_dir = f"{absolute_storage(storage)}/{run_name}"
+    return dataclasses.replace(loop, wandb=dataclasses.replace(loop.wandb, dir=run_dir))
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line saying why Ray Train gave up: the first failing worker's error (or the controller's)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    where = ""
+    if failures:
+        rank = min(failures)
+        error, where = failures[rank], f"worker {rank}: "
+    elif getattr(error, "controller_failure", None) is not None:
+        error = error.controller_failure
+    while getattr(error, "cause", None) is not None:  # a RayTaskError wraps the task's own exception
+        error = error.cause
+    text = " ".join(str(error).split()) or "(no message)"
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return f"{where}{type(error).__name__}: {text}"
+
+
+def worker_logs_location() -> str:
+    """Where this machine's Ray session keeps the workers' logs (each node has its own)."""
+    try:
+        import ray
+
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except Exception:  # private API, and no session when Ray never started: fall back to its default link
+        session = "/tmp/ray/session_latest"
+    return os.path.join(session, "logs")
 
 
 def _fit_task(payload: dict[str, Any]) -> None:

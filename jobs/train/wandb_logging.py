@@ -3,9 +3,12 @@
 The API key comes from the environment (``WANDB_API_KEY``) only, never from a config file.
 ``WANDB_MODE=offline`` writes a local run to sync later; ``WANDB_MODE=disabled`` turns it off.
 The wandb run id is the Ray run name, so a relaunch with the same ``--run`` continues the same curve.
+Its files (an offline run's included) go to ``dir``: by default the run's folder under a local
+``--storage`` (:func:`jobs.train.launch.with_wandb_dir`), never Ray's temporary session folder.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,7 @@ class WandbConfig:
     project: str | None = None
     entity: str | None = None
     group: str | None = None
+    dir: str | None = None  # wandb writes <dir>/wandb/...; None: the run's folder on a local storage
 
 
 class WandbLogger:
@@ -29,7 +33,9 @@ class WandbLogger:
             return
         import wandb
 
-        self._run = wandb.init(project=config.project, entity=config.entity, group=config.group,
+        if config.dir is not None:
+            os.makedirs(config.dir, exist_ok=True)
+        self._run = wandb.init(project=config.project, entity=config.entity, group=config.group, dir=config.dir,
                                id=run_name, name=run_name, resume="allow", config=run_config)
 
     @property
