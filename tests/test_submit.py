@@ -176,6 +176,17 @@ def test_no_upload_sends_only_the_environment():
     assert runtime_env_for(Path("/p"), forward_secrets=False, environ={})["working_dir"] == "/p"
 
 
+def test_the_default_upload_is_the_whole_project():
+    """Without --working-dir the job gets the repository (its pyproject.toml and every package), so
+    `python -m jobs.cli.app` runs there; a parents[] off by one once uploaded only jobs/."""
+    from jobs.cli.app import build_parser
+
+    args = build_parser().parse_args(["submit", "--", "rae", "models"])
+    uploaded = Path(args.working_dir)
+    assert (uploaded / "pyproject.toml").is_file()
+    assert all((uploaded / package / "__init__.py").is_file() for package in ("jobs", "pipelines", "rae"))
+
+
 def test_the_token_is_sent_from_the_environment_or_its_file(tmp_path):
     from jobs.cli.submit import auth_headers
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jobs.user_paths import absolute_location
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # jobs/cli/submit.py -> the repository
 
 # Never uploaded with the working dir: environments, caches and the artifacts runs write locally.
 UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", "runs", "rae-demo", "*.egg-info"]
