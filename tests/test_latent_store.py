@@ -1,6 +1,7 @@
 """The latent store format, without Ray or an encoder: a synthetic store written through the same
 commit path as the encode job (write_shard per shard, then finalize)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +26,19 @@ def make_manifest(num_shards: int = 3, **spec_overrides) -> dict:
 
 
 def synthetic_store(url: str, *, rows: int = 3, num_shards: int = 3, same_keys: bool = False) -> dict:
-    """Write a store; returns the latents written, (rows*shards, N, C) float16, in shard order."""
+    """Write a store; returns the latents written, (rows*shards, N, C) float16, in shard order.
+
+    ``same_keys``: every part's keys are then rewritten to ``k0, k1, ...`` (a store damaged after
+    the encode: the encode itself keeps keys unique)."""
     rng = np.random.default_rng(0)
     z = np.concatenate([(rng.standard_normal((rows, 1, N, C)) * 3 + 1).astype(np.float16) for _ in range(num_shards)])
-    keys = [f"k{i}" if same_keys else f"s{index}/k{i}" for index in range(num_shards) for i in range(rows)]
+    keys = [f"s{index}/k{i}" for index in range(num_shards) for i in range(rows)]
     write_latent_store(url, make_manifest(num_shards), z, [i % 3 for _ in range(num_shards) for i in range(rows)], keys)
+    if same_keys:
+        for part in json.loads((Path(url) / "manifest.json").read_text())["parts"]:
+            table = pq.read_table(Path(url) / part["path"])
+            plain = pa.array([key.split("/")[1] for key in table.column("key").to_pylist()], pa.string())
+            pq.write_table(table.set_column(0, "key", plain), Path(url) / part["path"])
     return {"latent": z[:, 0]}
 
 
@@ -181,3 +190,89 @@ def test_cli_store_info_and_verify(tmp_path, capsys):
     args = parser.parse_args(("store", "verify", str(tmp_path)))
     assert args.func(args) == 1
     assert "problem: 9 rows in the parts, manifest says 10" in capsys.readouterr().out
+
+
+def commit_shards(url: str, manifest: dict, shard_keys: list[list[str]], seed: int = 0) -> np.ndarray:
+    """Commit one shard per list of keys (labels 0, 1, ...); returns every latent written, in order."""
+    rng = np.random.default_rng(seed)
+    latent_store.write_manifest(url, manifest)
+    written = []
+    for index, keys in enumerate(shard_keys):
+        z = rng.standard_normal((len(keys), 1, N, C)).astype(np.float16)
+        write_shard(url, manifest, index, keys=keys, labels=list(range(len(keys))), latents=z, rejected=[])
+        written.append(z[:, 0])
+    return np.concatenate(written)
+
+
+def test_a_key_repeated_across_shards_is_stored_once_and_its_later_occurrences_rejected(tmp_path):
+    manifest = make_manifest(3)
+    z = commit_shards(str(tmp_path), manifest, [["a", "b"], ["b", "c"], ["a", "d"]])
+    done = finalize(str(tmp_path), manifest)
+    assert (done["rows"], done["images"], done["rejected"]) == (4, 4, 2)
+    data = read_latents(str(tmp_path))
+    assert sorted(data["key"]) == ["a", "b", "c", "d"]
+    first = {"a": z[0], "b": z[1], "c": z[3], "d": z[5]}  # each key's first occurrence, in shard order
+    for key, latent in zip(data["key"], data["latent"]):
+        np.testing.assert_array_equal(latent, first[key])
+    lines = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"shard": "file:///data/shard-000001.tar", "key": "b",
+         "reason": "duplicate key: already stored from shard file:///data/shard-000000.tar"},
+        {"shard": "file:///data/shard-000002.tar", "key": "a",
+         "reason": "duplicate key: already stored from shard file:///data/shard-000000.tar"}]
+    stats = open_store(str(tmp_path)).stats  # the statistics are the stored rows' alone
+    kept = np.stack([first[k] for k in "abcd"]).astype(np.float64)
+    np.testing.assert_allclose(stats.var.numpy(), kept.var(0), rtol=1e-12, atol=1e-12)
+    assert stats.count == 4 and verify_store(str(tmp_path)).ok
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [  # the replaced parts are gone
+        "00000-shard-000000.parquet", "00001-shard-000001.unique.parquet", "00002-shard-000002.unique.parquet"]
+
+
+def test_a_shard_whose_every_key_is_repeated_keeps_no_part(tmp_path):
+    manifest = make_manifest(2)
+    commit_shards(str(tmp_path), manifest, [["a", "b"], ["b", "a"]])
+    done = finalize(str(tmp_path), manifest)
+    assert (done["rows"], done["rejected"], len(done["parts"])) == (2, 2, 1) and verify_store(str(tmp_path)).ok
+
+
+def test_a_finalize_killed_while_rejecting_repeats_gives_the_same_store_when_rerun(tmp_path, monkeypatch):
+    """Shards committed by a killed run count too: keys are checked against every committed part at
+    the end, and a finalize killed between a rewritten part and its marker rejects the same keys again."""
+    manifest = make_manifest(3)
+    reference = tmp_path / "reference"
+    commit_shards(str(reference), manifest, [["a", "b"], ["b", "c"], ["c", "d"]])
+    want = finalize(str(reference), manifest)
+
+    store = tmp_path / "killed"
+    commit_shards(str(store), manifest, [["a", "b"], ["b", "c"], ["c", "d"]])
+    write_json = latent_store.storage.write_json
+
+    def dies_on_the_second_marker(fs, path, obj):
+        if path.endswith("_progress/00002-shard-000002.json"):
+            raise OSError("killed")
+        write_json(fs, path, obj)
+
+    monkeypatch.setattr(latent_store.storage, "write_json", dies_on_the_second_marker)
+    with pytest.raises(OSError, match="killed"):
+        finalize(str(store), manifest)
+    monkeypatch.setattr(latent_store.storage, "write_json", write_json)
+    got = finalize(str(store), manifest)
+    assert {k: got[k] for k in ("rows", "images", "rejected")} == {k: want[k] for k in ("rows", "images", "rejected")}
+    assert (store / "rejected.jsonl").read_text() == (reference / "rejected.jsonl").read_text()
+    assert finalize(str(store), manifest)["rejected"] == 2  # finalizing again rejects nothing more
+    a, b = read_latents(str(store)), read_latents(str(reference))
+    for column in ("key", "label", "latent"):
+        np.testing.assert_array_equal(a[column], b[column])
+    assert torch.equal(open_store(str(store)).stats.var, open_store(str(reference)).stats.var)
+
+
+def test_the_manifest_records_the_range_of_the_labels_stored(tmp_path):
+    spec = synthetic_spec(input_size=28, patch_size=14, grid=2, channels=C)
+    manifest = latent_manifest(spec, parts=2, class_names=None)
+    latent_store.write_manifest(str(tmp_path), manifest)
+    z = np.ones((3, 1, N, C), np.float16)
+    write_shard(str(tmp_path), manifest, 0, keys=["a", "b", "c"], labels=[7, 2, 7], latents=z, rejected=[])
+    write_shard(str(tmp_path), manifest, 1, keys=["d", "a"], labels=[4, 9], latents=z[:2], rejected=[])
+    done = finalize(str(tmp_path), manifest)
+    assert done["num_classes"] is None and done["classes"] is None
+    assert done["labels"] == {"min": 2, "max": 7, "distinct": 3}  # the repeated "a" (label 9) is not stored
