@@ -147,9 +147,21 @@ def check_compatible(existing: dict, wanted: dict, url: str) -> None:
 
 
 def read_manifest(url: str, storage_options: StorageOptions | None = None) -> dict | None:
+    """The store's manifest, None where there is none; a manifest that is not a JSON object is
+    refused, naming the file."""
     fs, root = storage.resolve(url, storage_options)
     path = storage.join(root, MANIFEST)
-    return storage.read_json(fs, path) if storage.exists(fs, path) else None
+    if not storage.exists(fs, path):
+        return None
+    try:
+        manifest = storage.read_json(fs, path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{storage.to_url(fs, path)} is not valid JSON ({err}): the store's manifest is damaged. "
+                         f"Restore the file, or re-encode into a new --store URL") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{storage.to_url(fs, path)} holds a JSON {type(manifest).__name__}, not an object: the "
+                         f"store's manifest is damaged. Restore the file, or re-encode into a new --store URL")
+    return manifest
 
 
 def require_manifest(url: str, storage_options: StorageOptions | None = None) -> dict:

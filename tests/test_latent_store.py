@@ -98,7 +98,7 @@ def test_verify_finds_stats_inconsistent_with_the_data(tmp_path):
     stats.var = stats.var * 1.01
     stats.save(tmp_path / STATS_FILE)
     problems = verify_store(str(tmp_path)).problems
-    assert len(problems) == 1 and problems[0].startswith("stats: stored var differs from the data's")
+    assert len(problems) == 1 and problems[0].startswith("stats.safetensors: stored var differs from the data's")
 
 
 def test_non_finite_latents_are_rejected_when_written(tmp_path):
@@ -189,7 +189,9 @@ def test_cli_store_info_and_verify(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     args = parser.parse_args(("store", "verify", str(tmp_path)))
     assert args.func(args) == 1
-    assert "problem: 9 rows in the parts, manifest says 10" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "problem: manifest.json: 9 rows in the parts, manifest says 10" in out
+    assert out.splitlines()[-1] == f"2 problem(s) in {tmp_path} (9 rows read)"
 
 
 def commit_shards(url: str, manifest: dict, shard_keys: list[list[str]], seed: int = 0) -> np.ndarray:
@@ -276,3 +278,103 @@ def test_the_manifest_records_the_range_of_the_labels_stored(tmp_path):
     done = finalize(str(tmp_path), manifest)
     assert done["num_classes"] is None and done["classes"] is None
     assert done["labels"] == {"min": 2, "max": 7, "distinct": 3}  # the repeated "a" (label 9) is not stored
+
+
+def test_verify_reports_every_problem_each_with_its_file(tmp_path):
+    """A truncated part, a part that is not Parquet, a missing part, damaged statistics and a short
+    rejected list: every one reported, by file, and the readable parts still checked."""
+    synthetic_store(str(tmp_path), num_shards=4, same_keys=False)
+    parts = tmp_path / "parts"
+    whole = (parts / "00000-shard-000000.parquet").read_bytes()
+    (parts / "00000-shard-000000.parquet").write_bytes(whole[: len(whole) // 2])
+    (parts / "00001-shard-000001.parquet").write_bytes(b"not parquet at all")
+    (parts / "00002-shard-000002.parquet").unlink()
+    (tmp_path / STATS_FILE).write_bytes(b"\0" * 10)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["rejected"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_store(str(tmp_path))
+    assert report.rows == 3  # the intact part was read
+    files = [problem.split(": ", 1)[0] for problem in report.problems]
+    assert files == ["parts/00000-shard-000000.parquet", "parts/00001-shard-000001.parquet",
+                     "parts/00002-shard-000002.parquet", "rejected.jsonl", STATS_FILE], report.problems
+    assert "not a readable Parquet file (truncated or damaged)" in report.problems[0]
+    assert "<Buffer>" not in report.problems[0] and report.problems[2].endswith(": missing")
+    assert report.problems[3] == "rejected.jsonl: 0 entries, manifest says 1"
+
+
+def test_a_damaged_manifest_is_named_as_such(tmp_path, capsys, monkeypatch):
+    from jobs.cli.app import main
+
+    synthetic_store(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"format": "rae-latent-store", "rows": ')
+    with pytest.raises(ValueError, match=r"manifest.json is not valid JSON \(.*\): the store's manifest is damaged"):
+        verify_store(str(tmp_path))
+    monkeypatch.delenv("RAE_DEBUG", raising=False)
+    assert main(["store", "verify", str(tmp_path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rae store: error: file://{tmp_path}/manifest.json is not valid JSON") and "\n" not in err
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"manifest.json holds a JSON list, not an object: the store's manifest"):
+        open_store(str(tmp_path))
+
+
+def test_a_store_whose_encode_has_not_finished_is_reported_not_verified(tmp_path):
+    manifest = make_manifest(2)
+    latent_store.write_manifest(str(tmp_path), manifest)
+    assert verify_store(str(tmp_path)).problems == [
+        "manifest.json: the encode has not finished (status 'in_progress'); rerun `rae encode` with the same arguments"]
+
+
+def test_a_shard_killed_between_its_data_and_its_marker_is_committed_again_once(tmp_path, monkeypatch):
+    manifest = make_manifest(2)
+    url = str(tmp_path)
+    latent_store.write_manifest(url, manifest)
+    z = np.arange(4 * N * C, dtype=np.float16).reshape(4, 1, N, C)
+    write_shard(url, manifest, 0, keys=["a", "b"], labels=[0, 1], latents=z[:2], rejected=[])
+    write_json = latent_store.storage.write_json
+
+    def killed_before_the_marker(fs, path, obj):
+        if path.endswith(f"{latent_store.PROGRESS_DIR}/00001-shard-000001.json"):
+            raise KeyboardInterrupt
+        write_json(fs, path, obj)
+
+    monkeypatch.setattr(latent_store.storage, "write_json", killed_before_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(url, manifest, 1, keys=["c", "d"], labels=[2, 0], latents=z[2:], rejected=[])
+    monkeypatch.setattr(latent_store.storage, "write_json", write_json)
+    assert (tmp_path / "parts" / "00001-shard-000001.parquet").exists()  # its data is there, but
+    assert sorted(latent_store.done_markers(url, manifest)) == [0]  # the shard is not done: the rerun redoes it
+    write_shard(url, manifest, 1, keys=["c", "d"], labels=[2, 0], latents=z[2:], rejected=[])
+    done = finalize(url, manifest)
+    assert (done["rows"], done["rejected"]) == (4, 0) and verify_store(url).ok
+    assert sorted(read_latents(url)["key"]) == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("failing", ["part", "moments"])
+def test_a_shard_whose_data_was_not_all_written_has_no_marker(tmp_path, monkeypatch, failing):
+    """The marker is written last: a commit that dies writing the part or the moments leaves the
+    shard not done (were the marker written first, the rerun would skip a shard with no data)."""
+    manifest = make_manifest(1)
+    latent_store.write_manifest(str(tmp_path), manifest)
+    if failing == "part":
+        monkeypatch.setattr(latent_store.pq, "write_table", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("disk full")))
+    else:
+        write_bytes = latent_store.storage.write_bytes
+        monkeypatch.setattr(latent_store.storage, "write_bytes", lambda fs, path, data: (
+            (_ for _ in ()).throw(OSError("disk full")) if path.endswith(".moments.npz") else write_bytes(fs, path, data)))
+    with pytest.raises(OSError, match="disk full"):
+        write_shard(str(tmp_path), manifest, 0, keys=["a"], labels=[0], latents=np.ones((1, 1, N, C), np.float16),
+                    rejected=[])
+    assert latent_store.done_markers(str(tmp_path), manifest) == {}
+    assert not (tmp_path / latent_store.PROGRESS_DIR / "00000-shard-000000.json").exists()
+
+
+def test_remove_temporaries_clears_only_what_killed_writers_left(tmp_path):
+    synthetic_store(str(tmp_path))
+    left = [tmp_path / "parts" / "00000-shard-000000.parquet.tmp-1a2b", tmp_path / "_progress" / "x.json.tmp-3c4d"]
+    for path in left:
+        path.write_bytes(b"half")
+    before = sorted(p for p in tmp_path.rglob("*") if p not in left)
+    assert sorted(latent_store.remove_temporaries(str(tmp_path))) == sorted(str(p) for p in left)
+    assert sorted(tmp_path.rglob("*")) == before and verify_store(str(tmp_path)).ok
