@@ -25,6 +25,7 @@ def store_info(url: str, storage_options: StorageOptions | None = None) -> dict:
         "latent": manifest.get("latent"),
         "shards": len(manifest.get("shards", [])),
         "num_classes": manifest.get("num_classes"),
+        "labels": manifest.get("labels"),  # min, max and distinct labels stored (a complete store)
         "software": manifest.get("software"),
     }
     if manifest.get("status") == "complete":
