@@ -127,7 +127,8 @@ def _read_part(fs, path: str, name: str, report: VerifyReport) -> pa.Table | Non
         report.problems.append(f"{name}: missing")
         return None
     except (OSError, pa.ArrowException) as err:
-        reason = str(err).replace("'<Buffer>'", "the file")  # pyarrow names a file it was handed open so
+        # pyarrow names a file it was handed open '<Buffer>': the problem names the part instead
+        reason = str(err).replace("Could not open Parquet input source '<Buffer>': ", "").replace("'<Buffer>'", "it")
         report.problems.append(f"{name}: not a readable Parquet file (truncated or damaged): {reason}")
         return None
     absent = sorted({"key", "label", "view", latent_store.LATENT_COLUMN} - set(table.column_names))
