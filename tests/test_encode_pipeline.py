@@ -367,6 +367,8 @@ def test_the_dits_classes_come_from_the_store_or_from_num_classes(tmp_path):
     with pytest.raises(ValueError, match=r"num_classes 4 is too small for store s: its labels go up to 4; "
                                          r"pass --num-classes 5 or more"):
         class_count(unnamed, 4, "s")
+    with pytest.raises(ValueError, match=r"num_classes must be positive, got 0"):
+        class_count({"num_classes": None}, 0, "s")
     with pytest.raises(ValueError, match=r"store old records neither class names nor its label range .* pass "
                                          r"--num-classes N"):
         class_count({"num_classes": None}, None, "old")

@@ -72,9 +72,11 @@ def class_count(manifest: dict, asked: int | None, url: str) -> int:
     stored label out is refused."""
     largest = (manifest.get("labels") or {}).get("max")
     if asked is not None:
-        if asked < 1 or (largest is not None and asked <= largest):
+        if asked < 1:
+            raise ValueError(f"num_classes must be positive, got {asked}")
+        if largest is not None and asked <= largest:
             raise ValueError(f"num_classes {asked} is too small for store {url}: its labels go up to {largest}; "
-                             f"pass --num-classes {max(1, (largest or 0) + 1)} or more (or leave it unset)")
+                             f"pass --num-classes {largest + 1} or more (or leave it unset)")
         return asked
     if manifest.get("num_classes"):
         return int(manifest["num_classes"])
