@@ -2,7 +2,9 @@
 loop doing the same work (decode + ADM crop, encode, write the Parquet part and moments, finalize)
 on the same machine and the same images: JPEG crops of scikit-image's photos written as shards.
 
-Also: decode alone and encode alone, per process (which stage bounds the job here). The GPU side
+Also: decode alone and encode alone, per process (which stage bounds the job here); and the Ray
+job's processes, sampled: the peak of the driver's and every Ray process's resident memory summed,
+how many worker processes ran, and which of them loaded torch (the commit and decode tasks need not). The GPU side
 (DINOv2-B at bf16 through the same actor, and the decode cores one GPU needs) is
 ``benchmarks/bench_encode_gpu.py``, which needs no Ray.
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +74,91 @@ class OneThreadLatentEncoder(TracedLatentEncoder):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **dict(kwargs, cpu_threads=1))
+
+
+class RayProcesses:
+    """Samples this process and its descendants (the raylet, Ray's workers) every ``interval`` s:
+    the peak of their summed resident memory (RSS: shared pages such as libtorch count in each
+    process, as the kernel's memory accounting of a node does), and every worker process seen, by
+    the tasks its title named (``ray::MapBatches(commit_shard_batch)``), its peak RSS, and whether
+    it mapped libtorch."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak_rss, self.peak_workers = interval, 0, 0
+        self.workers: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RayProcesses:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        total, workers = 0, 0
+        for pid in _descendants(os.getpid()):
+            rss = _read_rss(pid)
+            total += rss
+            title = _read_text(f"/proc/{pid}/cmdline").split("\0")[0]
+            if not title.startswith("ray::"):
+                continue
+            workers += 1
+            seen = self.workers.setdefault(pid, {"titles": set(), "peak_rss": 0, "torch": False})
+            if not title.startswith("ray::IDLE"):  # the task or actor, without the method it runs
+                seen["titles"].add(re.sub(r"\.[A-Za-z_]\w*$", "", title.split(" ")[0]))
+            seen["peak_rss"] = max(seen["peak_rss"], rss)
+            seen["torch"] = seen["torch"] or "libtorch_cpu" in _read_text(f"/proc/{pid}/maps")
+        self.peak_rss = max(self.peak_rss, total)
+        self.peak_workers = max(self.peak_workers, workers)
+
+    def summary(self) -> dict:
+        by_task: dict[str, dict] = {}
+        for seen in self.workers.values():
+            for title in sorted(seen["titles"]) or ["ray::IDLE"]:
+                row = by_task.setdefault(title, {"processes": 0, "with_torch": 0, "peak_rss_mib": 0.0})
+                row["processes"] += 1
+                row["with_torch"] += int(seen["torch"])
+                row["peak_rss_mib"] = max(row["peak_rss_mib"], round(seen["peak_rss"] / 2**20, 1))
+        return {"peak_rss_sum_mib": round(self.peak_rss / 2**20, 1), "peak_worker_processes": self.peak_workers,
+                "worker_processes_seen": len(self.workers), "by_task": by_task}
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            stat = _read_text(f"/proc/{entry.name}/stat")
+            if ")" in stat:
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return handle.read()
+    except OSError:  # the process is gone
+        return ""
+
+
+def _read_rss(pid: int) -> int:
+    for line in _read_text(f"/proc/{pid}/status").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def breakdown(trace: Path, start: float, end: float) -> dict:
@@ -207,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                                batch_size=config["batch_size"], flip=config["flip"], device="cpu", progress=False)
             start, wall_start = time.perf_counter(), time.time()
             timings: dict[str, float] = {}
-            with PeakMemory(tree=kind != "plain") as memory:
+            with PeakMemory(tree=kind != "plain") as memory, RayProcesses() as processes:
                 if kind == "plain":
                     rows = plain_encode(cfg, timings)
                 else:
@@ -227,9 +316,12 @@ def main(argv: list[str] | None = None) -> None:
             where.setdefault(kind, []).append({k: round(v, 2) if isinstance(v, float) else v
                                                for k, v in timings.items()})
             peaks.setdefault(kind, []).append(memory.peak_mib)
+            if kind == "ray":
+                ray_processes.append(processes.summary())
             return config["images"] / elapsed
 
         peaks: dict[str, list[float]] = {}
+        ray_processes: list[dict] = []
         where: dict[str, list[dict]] = {}
         steady_rates: dict[str, list[float]] = {}
         if not quick:  # untimed: Ray's first run starts its worker processes cold (imports, caches)
@@ -247,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         rec.add("steady_ratio_ray_over_plain", steady["ray"] / steady["plain"])
         rec.add("steady_ratio_ray_one_thread_actor_over_plain", steady["ray_one_thread"] / steady["plain"])
         rec.add("peak_host_pss_mib", {k: max(v) for k, v in peaks.items()})
+        rec.add("ray_job_processes", ray_processes)
         rec.add("fixed_cost", fixed_cost(config["images"], rates, steady))
         stages = stage_rates(shards, config["input_size"], config["batch_size"], threads=[1, 2])
         rec.add("stages", stages)

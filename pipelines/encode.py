@@ -28,6 +28,7 @@ from pipelines.actor_pool import plan_actor_pool, run_through_pool
 from pipelines.cluster_capacity import parse_count_range
 from pipelines.encoder_actor import LatentEncoder
 from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
+from pipelines.shard_commit import commit_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
 from rae.devices import check_device_choice
@@ -76,18 +77,6 @@ class EncodeResult:
     workers: dict[str, int] = field(default_factory=dict)  # "node type gpu, device cuda" -> shards this run encoded there
 
 
-def commit_shard_batch(batch: dict[str, np.ndarray], *, store: str, manifest: dict,
-                       storage_options: StorageOptions | None) -> dict[str, np.ndarray]:
-    """Write one encoded shard to the store; returns a one-row summary."""
-    index = int(batch["shard_index"][0])
-    meta = json.loads(batch["meta"][0])
-    marker = latent_store.write_shard(store, manifest, index, keys=meta["keys"], labels=meta["labels"],
-                                      latents=batch["latents"][0], rejected=meta["rejected"],
-                                      storage_options=storage_options, encoded_on=meta.get("encoded_on"))
-    return {"shard_index": np.array([index]), "rows": np.array([marker["rows"]]),
-            "rejected": np.array([len(marker["rejected"])]), "encoded_on": np.array([json.dumps(marker["encoded_on"])])}
-
-
 def software_versions(packages: tuple[str, ...] = ("rae", "torch", "ray", "pyarrow", "timm", "pillow")) -> dict:
     """Installed versions of ``packages`` (None where one is missing): recorded in a store's manifest."""
     versions = {}
@@ -128,6 +117,9 @@ def encode_to_store(config: EncodeConfig, *, encoder_cls: type = LatentEncoder) 
             log.info("store %s already holds these shards; nothing to do", config.store)
             return EncodeResult(config.store, len(shards), 0, existing["rows"], existing["rejected"], existing)
     latent_store.write_manifest(config.store, wanted, opts)
+    leftovers = latent_store.remove_temporaries(config.store, opts)
+    if leftovers:
+        log.info("removed %d temporary file(s) an interrupted encode left in %s", len(leftovers), config.store)
 
     done = latent_store.done_markers(config.store, wanted, opts)
     pending = [i for i in range(len(shards)) if i not in done]
@@ -171,9 +163,12 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
             "flip": config.flip, "latent_dtype": config.latent_dtype, "batch_size": config.batch_size,
             "weights_digest": encoder.weights_digest, "cpu_threads": cpu_threads})
         if not store_local:
-            # A whole CPU per commit task: each is a worker process that imports torch (~0.8 GB), and a
-            # fraction let 4 per CPU start at once (12 concurrent imports stalled a 2-core cluster).
-            ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=1, fn_kwargs=commit_kwargs)
+            # Commit tasks import numpy and pyarrow only (pipelines.shard_commit: ~0.2 GB a worker
+            # process, where importing this module's torch and timm made each ~0.9 GB). A whole CPU
+            # each, and no more of them at once than encoder actors feed them: a commit takes a
+            # fraction of an encode, so more would only hold more shards' latents in memory.
+            ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=1, concurrency=pool.max_size,
+                                fn_kwargs=commit_kwargs)
         return ds
 
     workers: dict[str, int] = {}

@@ -17,27 +17,38 @@ alone. The spec is written once, here; every export made from the store copies i
 A shard counts as done only when its marker exists; the marker is written after the part and the
 moments, each written atomically, so a killed job leaves either a finished shard or nothing that is
 read. Readers use the parts listed in the manifest, never a directory listing. One encode job
-writes a store at a time.
+writes a store at a time (nothing enforces it: there is no writer lock), so an encode may clear the
+temporary files a killed one left (:func:`remove_temporaries`).
+
+Keys are unique across the store: :func:`finalize` keeps a key's first occurrence, in shard order,
+and rejects every later one (with its shard and the shard that holds the key), so a store made from
+shards that repeat an image holds it once, and a resumed encode rejects the same occurrences.
+
+Committing a shard needs numpy, pyarrow and fsspec only (its moments are computed in numpy): the
+commit tasks are separate worker processes, which then do not import torch. Torch is imported by
+the functions that merge or read the statistics.
 """
 from __future__ import annotations
 
 import io
 import json
+import posixpath
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipelines import storage
 from pipelines.shards import ShardInfo
 from pipelines.storage import StorageOptions
 from rae.latent_spec import STATS_FILE, LatentSpec
-from rae.normalization import LatentStats, MomentAccumulator
+
+if TYPE_CHECKING:
+    from rae.normalization import LatentStats, MomentAccumulator
 
 FORMAT = "rae-latent-store"
 FORMAT_VERSION = 2  # 2: the latent space is one `latent_spec` (1 had `encoder` and `latent.shape`)
@@ -136,9 +147,21 @@ def check_compatible(existing: dict, wanted: dict, url: str) -> None:
 
 
 def read_manifest(url: str, storage_options: StorageOptions | None = None) -> dict | None:
+    """The store's manifest, None where there is none; a manifest that is not a JSON object is
+    refused, naming the file."""
     fs, root = storage.resolve(url, storage_options)
     path = storage.join(root, MANIFEST)
-    return storage.read_json(fs, path) if storage.exists(fs, path) else None
+    if not storage.exists(fs, path):
+        return None
+    try:
+        manifest = storage.read_json(fs, path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{storage.to_url(fs, path)} is not valid JSON ({err}): the store's manifest is damaged. "
+                         f"Restore the file, or re-encode into a new --store URL") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{storage.to_url(fs, path)} holds a JSON {type(manifest).__name__}, not an object: the "
+                         f"store's manifest is damaged. Restore the file, or re-encode into a new --store URL")
+    return manifest
 
 
 def require_manifest(url: str, storage_options: StorageOptions | None = None) -> dict:
@@ -201,28 +224,37 @@ def write_shard(store_url: str, manifest: dict, index: int, *, keys: list[str], 
                                  [labels[i] for i in keep for _ in range(views)],
                                  [v for _ in keep for v in range(views)], kept)
         marker["part"] = f"{PARTS_DIR}/{sid}.parquet"
-        row_bytes = max(1, kept[0].nbytes)
-        with storage.open_atomic(fs, storage.join(root, marker["part"])) as handle:
-            # No dictionary or compression on the latents: float16 values all fit a dictionary, and
-            # decoding through it made reads 2.5x slower for a 6% smaller file (benchmarks/bench_store_read).
-            pq.write_table(table, handle, row_group_size=max(1, TARGET_ROW_GROUP_BYTES // row_bytes),
-                           use_dictionary=["key"], compression={"key": "snappy", "label": "snappy",
-                                                                "view": "snappy", LATENT_COLUMN: "none"})
-        moments = MomentAccumulator()
-        moments.update(torch.from_numpy(kept.astype(np.float64)))
         marker["moments"] = f"{PROGRESS_DIR}/{sid}.moments.npz"
-        buffer = io.BytesIO()
-        np.savez(buffer, **_state_arrays(moments.to_state()))
-        storage.write_bytes(fs, storage.join(root, marker["moments"]), buffer.getvalue())
+        _write_part(fs, root, marker, table, kept)
     storage.write_json(fs, storage.join(root, PROGRESS_DIR, f"{sid}.json"), marker)
     return marker
 
 
-def _state_arrays(state: dict) -> dict[str, np.ndarray]:
-    return {key: np.asarray(value) for key, value in state.items()}
+def _write_part(fs, root: str, marker: dict, table: pa.Table, latents: np.ndarray) -> None:
+    """The part and the moments a marker names: ``table``'s rows, whose latents are ``latents`` (R, N, C)."""
+    row_bytes = max(1, latents[0].nbytes)
+    with storage.open_atomic(fs, storage.join(root, marker["part"])) as handle:
+        # No dictionary or compression on the latents: float16 values all fit a dictionary, and
+        # decoding through it made reads 2.5x slower for a 6% smaller file (benchmarks/bench_store_read).
+        pq.write_table(table, handle, row_group_size=max(1, TARGET_ROW_GROUP_BYTES // row_bytes),
+                       use_dictionary=["key"], compression={"key": "snappy", "label": "snappy",
+                                                            "view": "snappy", LATENT_COLUMN: "none"})
+    buffer = io.BytesIO()
+    np.savez(buffer, **moment_state(latents))
+    storage.write_bytes(fs, storage.join(root, marker["moments"]), buffer.getvalue())
+
+
+def moment_state(latents: np.ndarray) -> dict[str, np.ndarray]:
+    """Float64 count, mean and sum of squared deviations of (R, N, C) latents, R >= 1: the state
+    ``rae.normalization.MomentAccumulator.from_state`` reads, computed in numpy (no torch in a commit)."""
+    x = latents.astype(np.float64)
+    mean = x.mean(0)
+    return {"count": np.asarray(len(x)), "mean": mean, "m2": ((x - mean) ** 2).sum(0)}
 
 
 def _load_moments(fs, path: str) -> MomentAccumulator:
+    from rae.normalization import MomentAccumulator
+
     with fs.open(path, "rb") as handle, np.load(io.BytesIO(handle.read())) as npz:
         state = {key: npz[key] for key in npz.files}
     for key, value in state.items():
@@ -244,17 +276,42 @@ def done_markers(store_url: str, manifest: dict, storage_options: StorageOptions
     return markers
 
 
+def remove_temporaries(store_url: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """Delete the ``*.tmp-*`` files a killed writer left in the store's ``parts/`` and ``_progress/``
+    (only a local disk has them: ``storage.open_atomic``); returns their paths. Run before an encode
+    writes: one encode job writes a store at a time, so no live writer owns one of them."""
+    fs, root = storage.resolve(store_url, storage_options)
+    if not storage.is_local_disk(fs):
+        return []
+    removed = []
+    for folder in (PARTS_DIR, PROGRESS_DIR):
+        path = storage.join(root, folder)
+        if not fs.isdir(path):
+            continue
+        for name in fs.ls(path, detail=False):
+            if ".tmp-" in posixpath.basename(name):
+                fs.rm_file(name)
+                removed.append(name)
+    return removed
+
+
 def finalize(store_url: str, manifest: dict, storage_options: StorageOptions | None = None) -> dict:
-    """Merge every shard's moments (in shard order, so a resumed job gives the same bits), write the
-    statistics, the rejected list and the completed manifest."""
+    """Reject the later occurrences of keys repeated across shards, merge every shard's moments (in
+    shard order, so a resumed job gives the same bits), write the statistics, the rejected list and
+    the completed manifest, with the range of the labels stored."""
     fs, root = storage.resolve(store_url, storage_options)
     markers = done_markers(store_url, manifest, storage_options)
     missing = [s["name"] for i, s in enumerate(manifest["shards"]) if i not in markers]
     if missing:
         raise RuntimeError(f"store {store_url}: cannot finalize, shards not encoded yet: {missing[:5]}")
+    shape = latent_spec(manifest, store_url).shape
     total: MomentAccumulator | None = None
     parts, rejected = [], []
+    stored_from: dict[str, str] = {}  # key -> the shard it is stored from
+    labels: set[int] = set()
     for index in range(len(manifest["shards"])):
+        if markers[index]["part"] is not None:
+            markers[index] = _keep_first_occurrences(fs, root, markers[index], shape, stored_from, labels)
         marker = markers[index]
         rejected += marker["rejected"]
         if marker["part"] is None:
@@ -271,7 +328,7 @@ def finalize(store_url: str, manifest: dict, storage_options: StorageOptions | N
                          f"see the {len(rejected)} rejected inputs, e.g. {rejected[:3]}")
     stats = total.to_stats()
     storage.write_bytes(fs, storage.join(root, STATS_FILE), _stats_bytes(stats))
-    storage.write_bytes(fs, storage.join(root, REJECTED), "".join(json.dumps(r) + "\n" for r in rejected).encode())
+    storage.write_bytes(fs, storage.join(root, REJECTED), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
     done = dict(manifest)
     done.update({
         "status": "complete",
@@ -279,11 +336,59 @@ def finalize(store_url: str, manifest: dict, storage_options: StorageOptions | N
         "rows": sum(p["rows"] for p in parts),
         "images": sum(m["images"] for m in markers.values()),
         "rejected": len(rejected),
+        "labels": {"min": min(labels), "max": max(labels), "distinct": len(labels)},
         "stats": {"count": int(stats.count), "eps": stats.eps, "has_mean": stats.mean is not None},
         "rejected_list": REJECTED,
     })
     write_manifest(store_url, done, storage_options)
     return done
+
+
+def _keep_first_occurrences(fs, root: str, marker: dict, shape: tuple[int, int], stored_from: dict[str, str],
+                            labels: set[int]) -> dict:
+    """The shard's marker once the keys an earlier shard stored are rejected from its part.
+
+    The rows kept go to a new part and moments, then the marker names them (its rewrite is the
+    commit point): a finalize killed half-way leaves the old marker and part, and the rerun rejects
+    the same keys again. ``stored_from`` and ``labels`` gain the part's keys and labels.
+    """
+    path = storage.join(root, marker["part"])
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle, columns=["key", "label"])
+    keys = table.column("key").to_pylist()
+    repeated = np.array([key in stored_from for key in keys], bool)
+    if repeated.any():
+        marker = _drop_rows(fs, root, marker, repeated, shape, stored_from)
+        table = table.filter(pa.array(~repeated))
+        keys = table.column("key").to_pylist()
+    for key in keys:
+        stored_from.setdefault(key, marker["shard"])
+    labels.update(int(label) for label in np.unique(table.column("label").to_numpy()))
+    return marker
+
+
+def _drop_rows(fs, root: str, marker: dict, drop: np.ndarray, shape: tuple[int, int],
+               stored_from: dict[str, str]) -> dict:
+    """Commit the shard again without the rows ``drop`` marks (keys stored from an earlier shard),
+    then delete the part and moments it replaces."""
+    with fs.open(storage.join(root, marker["part"]), "rb") as handle:
+        table = pq.read_table(handle)
+    dropped = list(dict.fromkeys(table.column("key").filter(pa.array(drop)).to_pylist()))
+    kept = table.filter(pa.array(~drop))
+    sid, before = marker["id"], marker
+    marker = dict(marker, rows=kept.num_rows, images=marker["images"] - len(dropped), part=None, moments=None,
+                  rejected=marker["rejected"] + [
+                      {"shard": marker["shard"], "key": key,
+                       "reason": f"duplicate key: already stored from shard {stored_from[key]}"} for key in dropped])
+    if kept.num_rows:
+        marker["part"] = f"{PARTS_DIR}/{sid}.unique.parquet"
+        marker["moments"] = f"{PROGRESS_DIR}/{sid}.unique.moments.npz"
+        _write_part(fs, root, marker, kept, table_latents(kept, shape))
+    storage.write_json(fs, storage.join(root, PROGRESS_DIR, f"{sid}.json"), marker)
+    for name in ("part", "moments"):
+        if before[name] != marker[name]:
+            fs.rm_file(storage.join(root, before[name]))
+    return marker
 
 
 def _stats_bytes(stats: LatentStats) -> bytes:
@@ -294,6 +399,8 @@ def _stats_bytes(stats: LatentStats) -> bytes:
 
 
 def load_stats(store_url: str, manifest: dict, storage_options: StorageOptions | None = None) -> LatentStats:
+    from rae.normalization import LatentStats
+
     fs, root = storage.resolve(store_url, storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / STATS_FILE

@@ -239,9 +239,16 @@ def test_killed_encode_resumes_to_the_same_store(file_store, shards, tmp_path):
     assert killed.returncode != 0 and "injected failure" in killed.stderr, killed.stderr[-2000:]
     done = len([p for p in progress.iterdir() if p.suffix == ".json"])
     assert 1 <= done < 3 and json.loads((tmp_path / "killed" / "manifest.json").read_text())["status"] == "in_progress"
+    # what a writer killed inside storage.open_atomic leaves (Ctrl-C on the driver mid-commit)
+    leftovers = [tmp_path / "killed" / "parts" / "00002-shard-000002.parquet.tmp-0123abcd",
+                 progress / "00002-shard-000002.json.tmp-4567ef01"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a file")
 
     result = encode_to_store(config(shards, store))
     assert result.encoded_shards == 3 - done
+    assert not any(path.exists() for path in leftovers)
 
     resumed, reference = read_latents(store), read_latents(file_store)
     order_a, order_b = np.lexsort((resumed["view"], resumed["key"])), np.lexsort((reference["view"], reference["key"]))
@@ -305,3 +312,64 @@ def test_gpu_request_without_gpus_fails_fast_with_a_clear_message(shards, tmp_pa
     with pytest.raises(RuntimeError, match="need 1 GPU each but none started within 3s"):
         encode_to_store(config(shards, str(tmp_path / "gpu"), device="gpu", gpu_wait_s=3))
     assert time.monotonic() - start < 60
+
+
+def test_a_key_repeated_in_another_shard_is_stored_once_and_rejected_with_its_shard(tmp_path, image_folder):
+    ant, bee = ((image_folder / c / f"{c}_0.png").read_bytes() for c in CLASSES)
+    (tmp_path / "sh").mkdir()
+    write_tar(tmp_path / "sh" / "a.tar", [("x.png", ant), ("x.cls", b"0"), ("y.png", ant), ("y.cls", b"0")])
+    write_tar(tmp_path / "sh" / "b.tar", [("z.png", bee), ("z.cls", b"1"), ("x.png", bee), ("x.cls", b"1")])
+
+    result = encode_to_store(config(str(tmp_path / "sh"), str(tmp_path / "store")))
+
+    assert (result.rows, result.rejected, result.manifest["images"]) == (6, 1, 3)
+    data = read_latents(str(tmp_path / "store"))
+    assert sorted(zip(data["key"], data["view"], data["label"])) == [
+        ("x", 0, 0), ("x", 1, 0), ("y", 0, 0), ("y", 1, 0), ("z", 0, 1), ("z", 1, 1)]  # x from a.tar, label 0
+    lines = [json.loads(line) for line in (tmp_path / "store" / "rejected.jsonl").read_text().splitlines()]
+    assert lines == [{"shard": f"file://{tmp_path}/sh/b.tar", "key": "x",
+                      "reason": f"duplicate key: already stored from shard file://{tmp_path}/sh/a.tar"}]
+    assert verify_store(str(tmp_path / "store")).ok
+
+
+def test_shards_without_a_class_file_encode_and_train_a_dit(tmp_path, image_folder):
+    """Webdataset shards made elsewhere (.png/.jpg + .cls, no classes.json): the store records the
+    label range it saw, and the DiT takes its largest label + 1 as its number of classes."""
+    from builders import tiny_dit_config
+
+    from jobs.train.dit import train_dit
+    from jobs.train.export import export_url, load_exported_model
+
+    images = [(image_folder / c / f"{c}_{i}.png").read_bytes() for c in CLASSES for i in range(5)]
+    (tmp_path / "sh").mkdir()
+    write_tar(tmp_path / "sh" / "only.tar", [member for i, data in enumerate(images) for member in
+                                             ((f"img{i:02d}.png", data), (f"img{i:02d}.cls", str(3 + i % 2).encode()))])
+    store = str(tmp_path / "store")
+    manifest = encode_to_store(config(str(tmp_path / "sh"), store)).manifest
+    assert (manifest["classes"], manifest["num_classes"]) == (None, None)
+    assert manifest["labels"] == {"min": 3, "max": 4, "distinct": 2}
+
+    runs = str(tmp_path / "runs")
+    result = train_dit(tiny_dit_config(store, **{"loop.epochs": 1, "loop.checkpoint_every_steps": 1}),
+                       run_name="no-classes", storage=runs, num_workers=1, max_failures=0)
+    assert result.error is None and result.metrics["step"] == 1  # 20 rows, global batch 16
+    _, exported = load_exported_model(export_url(runs, "no-classes"))
+    assert exported["kwargs"]["num_classes"] == 5
+
+
+def test_the_dits_classes_come_from_the_store_or_from_num_classes(tmp_path):
+    from jobs.train.dit import DiTRunConfig, class_count
+
+    labelled = {"num_classes": 1000, "labels": {"min": 0, "max": 999, "distinct": 1000}}
+    unnamed = {"num_classes": None, "labels": {"min": 3, "max": 4, "distinct": 2}}
+    assert class_count(labelled, None, "s") == 1000 and class_count(unnamed, None, "s") == 5
+    assert class_count(unnamed, 10, "s") == 10 and class_count({"num_classes": None}, 7, "s") == 7
+    with pytest.raises(ValueError, match=r"num_classes 4 is too small for store s: its labels go up to 4; "
+                                         r"pass --num-classes 5 or more"):
+        class_count(unnamed, 4, "s")
+    with pytest.raises(ValueError, match=r"num_classes must be positive, got 0"):
+        class_count({"num_classes": None}, 0, "s")
+    with pytest.raises(ValueError, match=r"store old records neither class names nor its label range .* pass "
+                                         r"--num-classes N"):
+        class_count({"num_classes": None}, None, "old")
+    assert DiTRunConfig().num_classes is None

@@ -176,4 +176,5 @@ def _run_store_verify(args: argparse.Namespace) -> int:
         return 0
     for problem in report.problems:
         print(f"problem: {problem}")
+    print(f"{len(report.problems)} problem(s) in {report.store} ({report.rows} rows read)")
     return 1

@@ -17,7 +17,9 @@ from rae.devices import DEVICE_CHOICES
 
 EPOCHS_FLAG = Flag("loop.epochs", "total epochs; the LR schedule's end (optim.schedule.decay_end_epoch) moves "
                                   "with it unless that is set too")
-DIT_FLAGS = (Flag("store", "latent store URL"), EPOCHS_FLAG)
+DIT_FLAGS = (Flag("store", "latent store URL"), EPOCHS_FLAG,
+             Flag("num_classes", "classes of the DiT (default: the store's class names, else its largest label + 1)",
+                  type=int))
 DECODER_FLAGS = (
     Flag("shards", "webdataset image shards URL"),
     Flag("encoder", "encoder preset name, see `rae models --kind encoder`"),

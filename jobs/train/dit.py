@@ -40,6 +40,7 @@ class DiTRunConfig:
     ema_decay: float = 0.9995
     time_distribution: str = "logit_normal"
     views: tuple = ()  # () = every view the store holds; (0,) = originals only
+    num_classes: int | None = None  # None: the store's class names, else its largest label + 1
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=800, global_batch_size=1024,
                                                                 max_micro_batch=64, shuffle_buffer=4096))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule=LRSchedule(
@@ -57,14 +58,32 @@ class StoreFacts:
 
 
 def store_facts(manifest: dict, config: DiTRunConfig, url: str) -> StoreFacts:
-    """The store's latent spec, classes and row count for this run; a store without classes is refused."""
+    """The store's latent spec, classes and row count for this run. The classes: ``config.num_classes``
+    (at least the store's largest label + 1), else the store's class names (``classes.json``), else
+    its largest label + 1 (shards made elsewhere carry integer labels and no class file)."""
     spec = latent_store.latent_spec(manifest, url)
-    num_classes = manifest.get("num_classes")
-    if not num_classes:
-        raise ValueError(f"store {url} records no classes (num_classes); a class-conditional DiT "
-                         f"needs labelled data")
+    num_classes = class_count(manifest, config.num_classes, url)
     rows = int(manifest["images"]) * len(config.views) if config.views else int(manifest["rows"])
     return StoreFacts(url=url, rows=rows, num_classes=int(num_classes), latent_spec=spec)
+
+
+def class_count(manifest: dict, asked: int | None, url: str) -> int:
+    """The DiT's number of classes for a store (see :func:`store_facts`); a count that leaves a
+    stored label out is refused."""
+    largest = (manifest.get("labels") or {}).get("max")
+    if asked is not None:
+        if asked < 1:
+            raise ValueError(f"num_classes must be positive, got {asked}")
+        if largest is not None and asked <= largest:
+            raise ValueError(f"num_classes {asked} is too small for store {url}: its labels go up to {largest}; "
+                             f"pass --num-classes {largest + 1} or more (or leave it unset)")
+        return asked
+    if manifest.get("num_classes"):
+        return int(manifest["num_classes"])
+    if largest is None:
+        raise ValueError(f"store {url} records neither class names nor its label range (encoded by an older "
+                         f"rae); pass --num-classes N, or re-encode it with `rae encode` into a new store")
+    return int(largest) + 1
 
 
 def write_self_contained_export(url: str, weights: dict, meta: dict, facts: StoreFacts) -> None:
