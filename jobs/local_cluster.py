@@ -42,7 +42,7 @@ HEAD_NODE_TYPE = "ray.head.default"  # the fake provider hard-codes its head's t
 NODE_TYPE_LABEL = "rae/node-type"    # set on each worker node, so `status` can name its type
 DASHBOARD_PORT = 8265
 STATE_FILE = "cluster.json"
-HEAD_START_TIMEOUT_S = 180.0         # `ray start --head` took ~10 s on an idle 2-core machine
+HEAD_START_TIMEOUT_S = 300.0         # `ray start --head` took ~10 s on an idle 2-core machine; up to 3 tries loaded
 STOP_TIMEOUT_S = 30.0
 AGENT_PORT = 52365                   # the head's dashboard agent (ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT)
 
@@ -53,10 +53,18 @@ set -eu
 ip link set lo up
 mkdir -p "$RAE_LC_DIR/ray" /tmp/ray
 mount --bind "$RAE_LC_DIR/ray" /tmp/ray
-status=0
-ray start --head --num-cpus=0 --object-store-memory={head_object_store} --disable-usage-stats \\
-    --autoscaling-config="$RAE_LC_DIR/autoscaler.yaml" --include-dashboard=true \\
-    --dashboard-host=127.0.0.1 --dashboard-port={dashboard_port} > "$RAE_LC_DIR/ray-start.log" 2>&1 || status=$?
+# Ray gives a starting node a fixed 30 s to register with its GCS; a loaded machine can miss that, so
+# that failure (and only that one) is retried after clearing the attempt's processes (this namespace's).
+for attempt in 1 2 3; do
+    status=0
+    echo "attempt $attempt" >> "$RAE_LC_DIR/ray-start.log"
+    ray start --head --num-cpus=0 --object-store-memory={head_object_store} --disable-usage-stats \\
+        --autoscaling-config="$RAE_LC_DIR/autoscaler.yaml" --include-dashboard=true \\
+        --dashboard-host=127.0.0.1 --dashboard-port={dashboard_port} >> "$RAE_LC_DIR/ray-start.log" 2>&1 || status=$?
+    [ "$status" -eq 0 ] && break
+    grep -q "timed out during startup" "$RAE_LC_DIR/ray-start.log" || break
+    ray stop --force >> "$RAE_LC_DIR/ray-start.log" 2>&1 || true
+done
 echo $status > "$RAE_LC_DIR/head.rc.tmp" && mv "$RAE_LC_DIR/head.rc.tmp" "$RAE_LC_DIR/head.rc"
 exec {python} -c 'import os, time
 while True:
