@@ -1,6 +1,8 @@
 """Bad input in shards: each case is converted correctly or rejected with its shard, key and reason."""
 import io
+import struct
 import tarfile
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -83,6 +85,33 @@ def test_bad_members_are_rejected_with_shard_key_and_reason(bad_shard):
     assert by_key["link.jpg"] == "not a regular file (symlink)"
     assert by_key["nolabel"].startswith("missing label")
     assert by_key["good"].startswith("duplicate key")
+
+
+def one_bit_png(width: int, height: int) -> bytes:
+    """A real black 1-bit PNG of any size, written row by row: 20000x20000 is ~50 KB and never in memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte "none", then the packed bits
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20000, 9500])  # above PIL's own error (178 M) and warning (89 M) limits
+def test_a_decompression_bomb_is_rejected_by_the_tools_limit_with_its_reason(tmp_path, side):
+    bomb = one_bit_png(side, side)
+    assert len(bomb) < 200_000
+    shard = write_tar(tmp_path / "bomb.tar", [("bomb.png", bomb), ("bomb.cls", b"0"),
+                                              ("after.jpg", rgb_jpeg()), ("after.cls", b"3")])
+
+    decoded = decode_shard(shard, image_size=SIZE, limits=DecodeLimits())  # the tool's default: 64 M pixels
+
+    assert decoded.rejected == [{"shard": shard.url, "key": "bomb",
+                                 "reason": f"image too large: {side}x{side} pixels (limit 64000000)"}]
+    assert decoded.keys == ["after"] and decoded.labels == [3]
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # PIL's own limit is back in force for everything else
 
 
 def test_label_out_of_range_is_rejected_when_the_class_count_is_known(tmp_path):
