@@ -197,3 +197,20 @@ def test_adm_center_crop_takes_the_middle_of_a_wide_image():
     crop = center_crop_arr(Image.fromarray(wide), 32)  # box-halved once, then cropped
     assert crop.shape == (32, 32, 3)
     np.testing.assert_array_equal(crop[:, 2:-2], np.broadcast_to([0, 255, 0], (32, 28, 3)))
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("junk.safetensors", "is not a readable safetensors file (Error while deserializing header: header too large)"),
+    ("junk.pt", "is neither a safetensors file nor a torch file"),
+])
+def test_encode_with_a_garbage_weights_file_is_one_line_naming_it(tmp_path, capsys, weights, message):
+    from jobs.cli.app import main
+
+    write_tar(tmp_path / "shard-000000.tar", [("a.jpg", rgb_jpeg()), ("a.cls", b"0")])
+    (tmp_path / weights).write_bytes(b"garbage garbage garbage garbage")
+    code = main(["encode", "--shards", str(tmp_path), "--store", str(tmp_path / "store"), "--encoder", "dinov2-s-reg4",
+                 "--encoder-weights", str(tmp_path / weights), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"rae encode: error: weights file {tmp_path / weights} {message}")
+    assert err.count("\n") == 1 and "Traceback" not in err
