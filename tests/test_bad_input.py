@@ -1,5 +1,7 @@
 """Bad input in shards: each case is converted correctly or rejected with its shard, key and reason."""
+import errno
 import io
+import os
 import struct
 import tarfile
 import zlib
@@ -214,3 +216,83 @@ def test_encode_with_a_garbage_weights_file_is_one_line_naming_it(tmp_path, caps
     assert code == 2
     assert err.startswith(f"rae encode: error: weights file {tmp_path / weights} {message}")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- storage faults: one line naming the location
+
+@pytest.fixture()
+def encode_cli(tmp_path, monkeypatch, capsys):
+    """``rae encode`` on one real shard with a small random encoder (no weights to fetch): returns a function
+    taking the store location and giving (exit code, stderr)."""
+    from jobs.cli.app import main
+    from rae.encoders import load_encoder
+
+    monkeypatch.setattr("pipelines.encode.load_encoder",
+                        lambda *args, **kwargs: load_encoder("dinov2-s-reg4", random_init=True, input_size=28))
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "shard-000000.tar", [("a.jpg", rgb_jpeg()), ("a.cls", b"0")])
+
+    def run(store: str) -> tuple[int, str]:
+        code = main(["encode", "--shards", str(tmp_path / "shards"), "--store", store, "--device", "cpu",
+                     "--no-progress"])
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def assert_one_line(code: int, err: str, line: str) -> None:
+    assert (code, err) == (2, f"rae encode: error: {line}\n")
+
+
+def test_a_store_path_that_is_a_file(tmp_path, encode_cli):
+    (tmp_path / "store").write_bytes(b"")
+    assert_one_line(*encode_cli(str(tmp_path / "store")),
+                    f"{tmp_path / 'store'} is a file where a folder is needed: choose another location, or move the "
+                    f"file away")
+
+
+def test_a_store_path_under_a_file(tmp_path, encode_cli):
+    (tmp_path / "file").write_bytes(b"")
+    assert_one_line(*encode_cli(str(tmp_path / "file" / "store")),
+                    f"cannot use {tmp_path / 'file' / 'store'}: {tmp_path / 'file'} is a file, not a folder; choose "
+                    f"another location")
+
+
+def test_a_store_path_on_a_virtual_file_system(encode_cli):
+    assert_one_line(*encode_cli("/proc/rae-store"),
+                    "cannot create /proc/rae-store: /proc is on a virtual file system (such as /proc or /sys) that "
+                    "holds no files of its own; choose a folder on a disk")
+
+
+@pytest.mark.parametrize("fault, line", [
+    (errno.ENOSPC, "cannot write {path}: no space left on its device (or the disk quota is used up); free space or "
+                   "choose another location, then rerun the same command: finished work is kept"),
+    (errno.EROFS, "cannot write {path}: its file system is read-only; choose a writable location"),
+])
+def test_a_write_the_disk_refuses_names_the_file(tmp_path, encode_cli, monkeypatch, fault, line):
+    """A full or read-only disk, injected where the bytes reach the disk: ``write()`` itself names no file."""
+    def refuse(fd):
+        raise OSError(fault, os.strerror(fault))
+
+    monkeypatch.setattr("pipelines.storage.os.fsync", refuse)
+    store = tmp_path / "store"
+    assert_one_line(*encode_cli(str(store)), line.format(path=store / "manifest.json"))
+    assert not [p.name for p in store.iterdir() if ".tmp-" in p.name]  # the refused write left nothing behind
+
+
+def test_a_disk_full_inside_a_ray_task_is_found_behind_rays_wrappers():
+    """Ray Data reports a UDF's failure as "UDF failed" around the worker's RayTaskError: the cause is named."""
+    from ray.exceptions import RayTaskError
+
+    from pipelines.storage import describe_storage_fault
+
+    disk_full = OSError(errno.ENOSPC, "No space left on device", "/data/store/parts/part-000003.parquet")
+    try:
+        try:
+            raise RayTaskError("commit_shard_batch", "Traceback ...", disk_full).as_instanceof_cause()
+        except Exception as worker_error:
+            raise RuntimeError("UDF failed to process a data block") from worker_error
+    except RuntimeError as error:
+        wrapped = error
+    assert describe_storage_fault(wrapped).startswith(
+        "cannot write /data/store/parts/part-000003.parquet: no space left on its device")
