@@ -96,9 +96,17 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 
 
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    """``fs.exists`` without a stale listing cache (s3fs caches directory listings)."""
+    """Whether ``path`` exists, without a stale listing cache (s3fs caches directory listings).
+
+    Only "not found" is False: ``fs.exists`` also answers False when the storage cannot be asked at all
+    (s3fs, for a bucket on an unreachable endpoint), which reads as a missing file; here that raises.
+    """
     fs.invalidate_cache(path)
-    return fs.exists(path)
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- faults as one line

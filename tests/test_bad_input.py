@@ -296,3 +296,59 @@ def test_a_disk_full_inside_a_ray_task_is_found_behind_rays_wrappers():
         wrapped = error
     assert describe_storage_fault(wrapped).startswith(
         "cannot write /data/store/parts/part-000003.parquet: no space left on its device")
+
+
+@pytest.fixture()
+def s3_cli(s3, monkeypatch, capsys):
+    """``rae <args>`` against the loopback S3 server, in a fresh s3fs (its instances cache credentials)."""
+    import s3fs
+
+    from jobs.cli.app import main
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credential lookup on a cloud metadata service
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        return code, capsys.readouterr().err
+
+    yield run
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_s3_without_credentials_is_one_line_naming_the_url(s3_cli, monkeypatch, tmp_path):
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    assert s3_cli("store", "info", "s3://rae-test/store") == (
+        2, "rae store: error: no S3 credentials for s3://rae-test/store (Unable to locate credentials): set "
+           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment of this command and of "
+           "the cluster's nodes\n")
+
+
+def test_s3_on_a_closed_endpoint_is_one_line_naming_the_endpoint(s3_cli, monkeypatch):
+    from s3_server import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries only make the test slower
+    assert s3_cli("store", "info", "s3://rae-test/store") == (
+        2, f"rae store: error: cannot reach the S3 endpoint {closed} for s3://rae-test/store: check AWS_ENDPOINT_URL "
+           f"(unset means AWS itself) and that the endpoint is up and reachable from here\n")
+
+
+def test_an_unreachable_bucket_is_not_reported_as_missing(s3_cli, monkeypatch):
+    """s3fs's ``exists`` answers False for a bucket it cannot ask: that read as "no such file or folder"."""
+    import botocore.exceptions
+
+    from pipelines import storage
+    from s3_server import free_port
+
+    fs, bucket = storage.resolve("s3://rae-test")
+    assert storage.exists(fs, bucket) and not storage.exists(fs, "rae-test/absent")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    fs, bucket = storage.resolve("s3://rae-test", {"skip_instance_cache": True})
+    with pytest.raises(botocore.exceptions.EndpointConnectionError):
+        storage.exists(fs, bucket)
