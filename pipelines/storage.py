@@ -168,9 +168,9 @@ def _os_fault(error: OSError) -> str | None:
     if error.errno == errno.EEXIST and os.path.isfile(path):
         return f"{path} is a file where a folder is needed: choose another location, or move the file away"
     if error.errno == errno.ENOTDIR:
-        blocker = next((p for p in _ancestors(path) if os.path.isfile(p)), None)
-        where = f"{blocker} is a file, not a folder" if blocker else "a part of it is a file, not a folder"
-        return f"cannot use {path}: {where}; choose another location"
+        blocker = next((p for p in _ancestors(path) if os.path.isfile(p)), "a part of it")
+        return (f"{blocker} is a file where a folder is needed (to hold {path}): choose another location, "
+                f"or move the file away")
     if error.errno == errno.EROFS:
         return f"cannot write {path}: its file system is read-only; choose a writable location"
     if error.errno in (errno.EACCES, errno.EPERM):

@@ -247,15 +247,16 @@ def assert_one_line(code: int, err: str, line: str) -> None:
 def test_a_store_path_that_is_a_file(tmp_path, encode_cli):
     (tmp_path / "store").write_bytes(b"")
     assert_one_line(*encode_cli(str(tmp_path / "store")),
-                    f"{tmp_path / 'store'} is a file where a folder is needed: choose another location, or move the "
-                    f"file away")
+                    f"{tmp_path / 'store'} is a file where a folder is needed (to hold "
+                    f"{tmp_path / 'store' / 'manifest.json'}): choose another location, or move the file away")
 
 
 def test_a_store_path_under_a_file(tmp_path, encode_cli):
     (tmp_path / "file").write_bytes(b"")
     assert_one_line(*encode_cli(str(tmp_path / "file" / "store")),
-                    f"cannot use {tmp_path / 'file' / 'store'}: {tmp_path / 'file'} is a file, not a folder; choose "
-                    f"another location")
+                    f"{tmp_path / 'file'} is a file where a folder is needed (to hold "
+                    f"{tmp_path / 'file' / 'store' / 'manifest.json'}): choose another location, or move the file "
+                    f"away")
 
 
 def test_a_store_path_on_a_virtual_file_system(encode_cli):
