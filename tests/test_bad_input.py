@@ -353,3 +353,31 @@ def test_an_unreachable_bucket_is_not_reported_as_missing(s3_cli, monkeypatch):
     fs, bucket = storage.resolve("s3://rae-test", {"skip_instance_cache": True})
     with pytest.raises(botocore.exceptions.EndpointConnectionError):
         storage.exists(fs, bucket)
+
+
+def test_a_full_disk_leaves_the_old_file_and_the_write_succeeds_once_space_is_freed(tmp_path, monkeypatch):
+    from pipelines import storage
+
+    fs, root = storage.resolve(str(tmp_path))
+    target = storage.join(root, "parts", "part-000000.parquet")
+    storage.write_bytes(fs, target, b"old")
+    with monkeypatch.context() as disk:
+        disk.setattr("pipelines.storage.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+        with pytest.raises(OSError) as raised:
+            storage.write_bytes(fs, target, b"new")
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, target)
+    assert os.listdir(tmp_path / "parts") == ["part-000000.parquet"] and (tmp_path / "parts" / "part-000000.parquet"
+                                                                           ).read_bytes() == b"old"
+    storage.write_bytes(fs, target, b"new")  # space freed: the same write completes
+    assert (tmp_path / "parts" / "part-000000.parquet").read_bytes() == b"new"
+
+
+def test_rae_debug_shows_the_storage_fault_itself(tmp_path, monkeypatch):
+    from jobs.cli.app import main
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "imgs" / "cat" / "a.png")
+    (tmp_path / "dest").write_bytes(b"")
+    monkeypatch.setenv("RAE_DEBUG", "1")
+    with pytest.raises(FileExistsError):
+        main(["shards", "make", str(tmp_path / "imgs"), str(tmp_path / "dest"), "--no-progress"])
