@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import posixpath
+import re
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator
@@ -128,20 +129,56 @@ def describe_storage_fault(error: BaseException, urls: Iterable[str] = ()) -> st
     ``urls`` are the locations the command was given: a missing S3 credential or an unreachable endpoint
     names no object, so the message names the command's remote URLs; an OS error names its own path.
     """
+    remote = ", ".join(u for u in urls if "://" in u and not u.startswith(("file://", "memory://"))) or "S3"
     for cause in _causes(error):
-        names = {cls.__name__ for cls in type(cause).__mro__} if type(cause).__module__.startswith("botocore") else set()
-        remote = ", ".join(u for u in urls if "://" in u and not u.startswith(("file://", "memory://"))) or "S3"
-        if names & set(_NO_CREDENTIALS):
-            return (f"no S3 credentials for {remote} ({cause}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                    f"(or AWS_PROFILE) in the environment of this command and of the cluster's nodes")
-        if names & set(_UNREACHABLE):
-            endpoint = _endpoint(getattr(cause, "kwargs", {}).get("endpoint_url", ""))
-            return (f"cannot reach the S3 endpoint {endpoint or '(from AWS_ENDPOINT_URL)'} for {remote}: check "
-                    f"AWS_ENDPOINT_URL (unset means AWS itself) and that the endpoint is up and reachable from here")
-        if is_bare_os_error(cause):
+        if type(cause).__module__.startswith("botocore"):
+            line = _s3_fault({cls.__name__ for cls in type(cause).__mro__}, str(cause), remote)
+        elif is_bare_os_error(cause):
             line = _os_fault(cause)
-            if line is not None:
-                return line
+        else:
+            line = _fault_in_worker_traceback(_worker_traceback(cause), remote)
+        if line is not None:
+            return line
+    return None
+
+
+def _s3_fault(names: set[str], message: str, remote: str) -> str | None:
+    if names & set(_NO_CREDENTIALS):
+        return (f"no S3 credentials for {remote} ({message}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                f"(or AWS_PROFILE) in the environment of this command and of the cluster's nodes")
+    if names & set(_UNREACHABLE):
+        url = re.search(r'endpoint URL: "([^"]+)"', message)
+        endpoint = _endpoint(url.group(1)) if url else "(from AWS_ENDPOINT_URL)"
+        return (f"cannot reach the S3 endpoint {endpoint} for {remote}: check AWS_ENDPOINT_URL (unset means AWS "
+                f"itself) and that the endpoint is up and reachable from here")
+    return None
+
+
+_WORKER_OS_ERROR = re.compile(r"^\w*Error: \[Errno (\d+)\] (.+?): '(.+)'$", re.MULTILINE)
+_WORKER_BOTOCORE_ERROR = re.compile(r"^botocore\.exceptions\.(\w+): (.*)$", re.MULTILINE)
+
+
+def _worker_traceback(error: BaseException) -> str | None:
+    """The worker's traceback text a Ray error carries (its ``str`` for the ``RayTaskError(X)`` form)."""
+    if isinstance(getattr(error, "traceback_str", None), str):
+        return error.traceback_str
+    return str(error) if type(error).__module__.startswith("ray.") else None
+
+
+def _fault_in_worker_traceback(text: object, remote: str) -> str | None:
+    """The storage fault in a Ray worker's traceback text, the deepest first. Ray Data raises a UDF's
+    error as "UDF failed to process a data block" *from* it, and an exception's cause does not survive
+    pickling to the driver: only the worker's formatted traceback still holds it."""
+    if not isinstance(text, str):
+        return None
+    for match in reversed(list(_WORKER_BOTOCORE_ERROR.finditer(text))):
+        line = _s3_fault({match.group(1)}, match.group(2), remote)
+        if line is not None:
+            return line
+    for match in reversed(list(_WORKER_OS_ERROR.finditer(text))):
+        line = _os_fault(OSError(int(match.group(1)), match.group(2), match.group(3)))
+        if line is not None:
+            return line
     return None
 
 

@@ -381,3 +381,25 @@ def test_rae_debug_shows_the_storage_fault_itself(tmp_path, monkeypatch):
     monkeypatch.setenv("RAE_DEBUG", "1")
     with pytest.raises(FileExistsError):
         main(["shards", "make", str(tmp_path / "imgs"), str(tmp_path / "dest"), "--no-progress"])
+
+
+def test_a_disk_full_inside_a_ray_data_udf_is_found_in_the_workers_traceback():
+    """Ray Data raises "UDF failed to process a data block" *from* the UDF's error, and the chain is lost on
+    the way to the driver: the fault is read from the worker's traceback text, as Ray formats it."""
+    import traceback
+
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from pipelines.storage import describe_storage_fault
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/store/parts/part-000003.parquet")
+        except OSError as disk_full:
+            raise UserCodeException("UDF failed to process a data block.") from disk_full
+    except UserCodeException as udf_error:
+        worker_traceback = traceback.format_exc()
+        arrived = RayTaskError("MapBatches(commit_shard_batch)", worker_traceback, UserCodeException(str(udf_error)))
+    assert describe_storage_fault(arrived.as_instanceof_cause()) == (
+        "cannot write /data/store/parts/part-000003.parquet: no space left on its device (or the disk quota is used "
+        "up); free space or choose another location, then rerun the same command: finished work is kept")
