@@ -7,9 +7,12 @@ not rejected: grayscale, palette and CMYK to RGB, alpha composited over white, 1
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +46,27 @@ class DecodeLimits:
 
 class RejectedImage(ValueError):
     """An image that cannot be used; the message is the reason recorded in the store."""
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit_lifted() -> Iterator[None]:
+    """PIL's own decompression-bomb limit off while the block runs (one thread at a time).
+
+    ``Image.open`` applies PIL's limit (178 M pixels; a warning above 89 M) to the header it reads,
+    before ``DecodeLimits.max_pixels`` can be applied: the tool's limit, with its own reason, would
+    never be the one in force. Reading a header decodes no pixels, so the header is read without
+    PIL's limit and the tool's is applied right after; PIL's limit is back on for the decode itself.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
@@ -85,7 +109,8 @@ def decode_image(data: bytes, image_size: int, limits: DecodeLimits = DecodeLimi
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            with _pil_pixel_limit_lifted():
+                image = Image.open(io.BytesIO(data))  # lazy: reads the header only
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise RejectedImage(f"image too large: {width}x{height} pixels (limit {limits.max_pixels})")

@@ -222,7 +222,11 @@ def encoder_from_state_dict(spec: EncoderSpec, trunk: nn.Module, state_dict: Map
     else:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        state_dict = checkpoint_filter_fn(dict(state_dict), trunk)  # converts layouts, resamples positions
+        _check_vit_build(spec, trunk, state_dict, source)
+        try:
+            state_dict = checkpoint_filter_fn(dict(state_dict), trunk)  # converts layouts, resamples positions
+        except RuntimeError as err:
+            raise ValueError(f"{source} does not fit encoder {spec.name} ({spec.timm_name}): {err}") from err
     _adopt_state_dict(spec, trunk, state_dict, source)
     return RepresentationEncoder(spec, trunk, eps, state_dict_digest(trunk))
 
@@ -278,6 +282,37 @@ def _encoder_from_file(spec: EncoderSpec, path: Path) -> RepresentationEncoder:
     with torch.device("meta"):
         trunk = timm.create_model(spec.timm_name, pretrained=False, img_size=spec.input_size, num_classes=0)
     return encoder_from_state_dict(spec, trunk, state_dict, source=f"weights file {path}", hf_config=hf_config)
+
+
+def _vit_build(tensors: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
+    """Width, class token and register tokens of ViT tensors in timm's (or DINOv2's own) layout; None when
+    the tensors hold no ViT patch embedding (then the key check names what does not fit)."""
+    proj = tensors.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4:
+        return None
+    registers = tensors.get("reg_token", tensors.get("register_tokens"))
+    return {"width": int(proj.shape[0]), "class token": int("cls_token" in tensors),
+            "register tokens": 0 if registers is None else int(registers.shape[1])}
+
+
+def _describe_build(build: dict[str, int], fields: tuple[str, ...]) -> str:
+    words = {"width": lambda n: f"width {n}", "class token": lambda n: "a class token" if n else "no class token",
+             "register tokens": lambda n: f"{n} register tokens" if n else "no register tokens"}
+    return ", ".join(words[field](build[field]) for field in fields)
+
+
+def _check_vit_build(spec: EncoderSpec, trunk: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     source: str) -> None:
+    """Weights of another ViT build (another width, or without the register tokens the preset has) are a
+    one-line error saying what the file holds and what the encoder needs, before timm's conversion fails
+    on them with a bare reshape error."""
+    held, needed = _vit_build(state_dict), _vit_build(trunk.state_dict())
+    if held is None or needed is None:
+        return
+    differ = tuple(field for field in needed if held[field] != needed[field])
+    if differ:
+        raise ValueError(f"{source} holds a ViT with {_describe_build(held, tuple(held))}; encoder {spec.name} "
+                         f"({spec.timm_name}) needs {_describe_build(needed, differ)}")
 
 
 def _adopt_state_dict(spec: EncoderSpec, trunk: nn.Module, state_dict: Mapping[str, torch.Tensor],

@@ -185,6 +185,26 @@ def test_weights_for_another_model_are_a_clear_error(tmp_path):
         load_encoder("dinov2-s-reg4", weights=tmp_path / "other.safetensors", input_size=28)
 
 
+@pytest.mark.parametrize("architecture, preset, holds, needs", [
+    ("vit_small_patch14_dinov2", "dinov2-s-reg4", "width 384, a class token, no register tokens", "4 register tokens"),
+    ("vit_small_patch14_reg4_dinov2", "dinov2-s-offline", "width 384, a class token, 4 register tokens",
+     "no register tokens"),
+    ("vit_base_patch14_reg4_dinov2", "dinov2-s-reg4", "width 768, a class token, 4 register tokens", "width 384"),
+])
+def test_weights_of_another_vit_build_say_what_the_file_holds_and_what_the_preset_needs(
+        tmp_path, architecture, preset, holds, needs):
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        shapes = timm.create_model(architecture, num_classes=0).state_dict()
+    save_file({k: torch.zeros(v.shape) for k, v in shapes.items()}, str(tmp_path / "w.safetensors"))
+    timm_name = ENCODER_PRESETS[preset].timm_name
+    with pytest.raises(ValueError) as raised:
+        load_encoder(preset, weights=tmp_path / "w.safetensors", input_size=28)
+    assert str(raised.value) == (f"weights file {tmp_path / 'w.safetensors'} holds a ViT with {holds}; "
+                                 f"encoder {preset} ({timm_name}) needs {needs}")
+
+
 def test_hub_weights_offline_is_a_clear_error_pointing_to_weights():
     with pytest.raises(WeightsUnavailableError, match=r"offline or unreachable.*--encoder-weights"):
         load_encoder("dinov2-s-reg4", input_size=28)

@@ -80,6 +80,21 @@ def show_our_log_lines() -> None:
         logger.propagate = False
 
 
+def _user_message(error: Exception, args: argparse.Namespace, user_errors: tuple[type, ...]) -> str | None:
+    """The one line for an error that is the user's or their storage's (a full disk, a store path that
+    is a file, missing S3 credentials: see pipelines.storage), or None for a bug (its traceback shows)."""
+    from pipelines.storage import describe_storage_fault, is_bare_os_error
+
+    # A Ray worker's error comes wrapped with its whole traceback; its cause holds the message.
+    raised = error.cause if type(error).__module__.startswith("ray.") and hasattr(error, "cause") else error
+    if isinstance(raised, user_errors) and not is_bare_os_error(raised):
+        return str(raised)
+    fault = describe_storage_fault(error, [value for value in vars(args).values() if isinstance(value, str)])
+    if fault is None and isinstance(raised, user_errors):
+        return str(raised)
+    return fault
+
+
 def main(argv: list[str] | None = None) -> int:
     from rae.encoders import WeightsUnavailableError
 
@@ -89,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     show_our_log_lines()
     try:
         return int(args.func(args) or 0)
-    except user_errors as error:
-        if os.environ.get("RAE_DEBUG"):
+    except Exception as error:
+        message = _user_message(error, args, user_errors)
+        if message is None or os.environ.get("RAE_DEBUG"):
             raise
-        print(f"rae {args.command}: error: {error}", file=sys.stderr)
+        print(f"rae {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
