@@ -168,12 +168,18 @@ def list_shards(url: str, storage_options: StorageOptions | None = None) -> list
         _, path = storage.resolve(pattern, storage_options)
         if any(ch in path for ch in "*?["):
             paths.extend(fs.glob(path))
-        elif fs.isdir(path):
+            continue
+        # fs.info, not fs.isdir/exists: those answer False for storage that cannot be asked at all (an
+        # unreachable S3 endpoint), which would read as missing shards.
+        fs.invalidate_cache(path)
+        try:
+            is_folder = fs.info(path)["type"] == "directory"
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shards {pattern!r}: no such file or folder") from None
+        if is_folder:
             paths.extend(p for p in fs.find(path) if p.endswith((".tar", ".tar.gz", ".tgz")))
-        elif fs.exists(path):
-            paths.append(path)
         else:
-            raise FileNotFoundError(f"shards {pattern!r}: no such file or folder")
+            paths.append(path)
     if not paths:
         raise FileNotFoundError(f"shards {url!r}: no .tar files found")
     shards = []
@@ -187,7 +193,7 @@ def read_class_names(shards: list[ShardInfo], storage_options: StorageOptions | 
     """The class names from ``classes.json`` beside the first shard, or None when there is none."""
     fs, path = storage.resolve(shards[0].url, storage_options)
     index = storage.join(posixpath.dirname(path), CLASSES_FILE)
-    if not fs.exists(index):
+    if not storage.exists(fs, index):
         return None
     names = storage.read_json(fs, index).get("classes")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

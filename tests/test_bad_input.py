@@ -403,3 +403,20 @@ def test_a_disk_full_inside_a_ray_data_udf_is_found_in_the_workers_traceback():
     assert describe_storage_fault(arrived.as_instanceof_cause()) == (
         "cannot write /data/store/parts/part-000003.parquet: no space left on its device (or the disk quota is used "
         "up); free space or choose another location, then rerun the same command: finished work is kept")
+
+
+def test_shards_on_an_unreachable_endpoint_are_not_reported_as_missing(s3_cli, monkeypatch):
+    """The shard listing asks the storage, so an endpoint that is down is named as such, not as missing shards."""
+    import botocore.exceptions
+
+    from pipelines.shards import ShardInfo, list_shards, read_class_names
+    from s3_server import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(botocore.exceptions.EndpointConnectionError):
+        list_shards("s3://rae-test/shards", {"skip_instance_cache": True})
+    # The class file beside the shards: an unanswered question is not "this store has no class names".
+    with pytest.raises(botocore.exceptions.EndpointConnectionError):
+        read_class_names([ShardInfo("s3://rae-test/shards/a.tar", "a.tar", 1)], {"skip_instance_cache": True})
+
