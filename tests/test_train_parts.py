@@ -3,13 +3,14 @@ its save, the metrics logger's windows and history, and the per-step data stream
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 
 import pytest
 import torch
 from torch import nn
 
-from jobs.train.checkpointing import Checkpointer, ModelState, restore_latest, verify_checkpoint
+from jobs.train.checkpointing import Checkpointer, ModelState, restore_latest, save_checkpoint, verify_checkpoint
 from jobs.train.metrics_logger import MetricsLogger
 from jobs.train.optimizer_step import accumulate_gradients, read_logs
 from jobs.train.parallelize import plan_batches
@@ -153,3 +154,21 @@ def test_data_running_out_names_the_epoch_and_step():
     with pytest.raises(RuntimeError, match="data ran out in epoch 0 at step 1"):
         list(step_batches(short, ctx, 0, total_steps=3))
 
+
+
+def test_a_checkpoint_whose_files_pass_their_checksums_but_that_dcp_rejects_falls_back(tmp_path, caplog):
+    good, bad = tmp_path / "checkpoint_step000000002", tmp_path / "checkpoint_step000000004"
+    saved = nn.Linear(3, 1)
+    nn.init.constant_(saved.weight, 2.0)
+    save_checkpoint(good, {"model": ModelState(saved)}, {"step": 2}, rank=0, world_size=1)
+    other_structure = nn.Linear(3, 2)  # intact files, checksums written: only DCP's load can tell
+    save_checkpoint(bad, {"model": ModelState(other_structure)}, {"step": 4}, rank=0, world_size=1)
+    assert verify_checkpoint(bad)["step"] == 4
+
+    model = nn.Linear(3, 1)
+    with caplog.at_level(logging.ERROR, logger="jobs.train.checkpointing"):
+        restored = restore_latest([bad, good], {"model": ModelState(model)}, contextlib.nullcontext)
+    assert restored["step"] == 2 and restored["restored_from"] == str(good) and torch.all(model.weight == 2.0)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "jobs.train.checkpointing"]
+    assert message.startswith(f"checkpoint {bad}: DCP could not load it: rank 0: ValueError: Size mismatch") and "model.model.weight" in message
+    assert "falling back to the previous checkpoint" in message and "\n" not in message

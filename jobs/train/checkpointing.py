@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -119,9 +120,18 @@ def load_checkpoint(directory: str | Path, state: dict[str, Any]) -> dict[str, A
     trainer_state = verify_checkpoint(directory)
     try:
         dcp.load(state, checkpoint_id=str(directory))
-    except Exception as error:  # DCP raises many types; name the checkpoint either way
-        raise CheckpointError(f"checkpoint {directory}: DCP could not load it: {error}") from error
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        raise CheckpointError(f"checkpoint {directory}: DCP could not load it: {dcp_failure(error)}") from error
     return trainer_state
+
+
+def dcp_failure(error: BaseException) -> str:
+    """One line for what DCP raised: a ``CheckpointException`` holds each failed rank's exception
+    (its ``str`` is their multi-line tracebacks); any other error is its type and first line."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {dcp_failure(cause)}" for rank, (cause, _) in sorted(error.failures.items()))
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
 def restore_latest(candidates: Iterable[Any], state: dict[str, Any],
