@@ -8,13 +8,15 @@ import shutil
 
 import pytest
 import torch
+from fit_harness import FakeRayTrain, TinyTask, run_fit
 from torch import nn
 
 from jobs.train.checkpointing import Checkpointer, ModelState, restore_latest, save_checkpoint, verify_checkpoint
 from jobs.train.metrics_logger import MetricsLogger
 from jobs.train.optimizer_step import accumulate_gradients, read_logs
 from jobs.train.parallelize import plan_batches
-from jobs.train.loop import RunContext, step_batches
+from jobs.train.loop import LoopConfig, RunContext, step_batches
+from jobs.train.lr_schedule import LRSchedule
 
 
 def _mlp() -> nn.Module:
@@ -172,3 +174,30 @@ def test_a_checkpoint_whose_files_pass_their_checksums_but_that_dcp_rejects_fall
     (message,) = [r.getMessage() for r in caplog.records if r.name == "jobs.train.checkpointing"]
     assert message.startswith(f"checkpoint {bad}: DCP could not load it: rank 0: ValueError: Size mismatch") and "model.model.weight" in message
     assert "falling back to the previous checkpoint" in message and "\n" not in message
+
+
+def test_a_run_resumed_mid_epoch_with_accumulation_ends_with_the_uninterrupted_runs_weights_and_ema(
+        tmp_path, monkeypatch):
+    # 3 steps per epoch of 2 micro-batches each; checkpoints after steps 2 and 4 are both mid-epoch
+    loop = LoopConfig(epochs=2, global_batch_size=4, max_micro_batch=2, checkpoint_every_steps=2, log_every_steps=100)
+    schedule = LRSchedule(base_lr=3e-2, final_lr=3e-3, hold_epochs=1, decay_end_epoch=2)
+
+    FakeRayTrain(tmp_path / "whole").install(monkeypatch)
+    whole = TinyTask(schedule)
+    whole_ema = run_fit(whole, loop)
+
+    interrupted = FakeRayTrain(tmp_path / "interrupted")
+    interrupted.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="injected failure at step 5"):
+        run_fit(TinyTask(schedule, fail_at=5), loop)
+    assert [r.metrics["step"] for r in interrupted.reported] == [2, 4]
+    resumed = TinyTask(schedule)
+    resumed_ema = run_fit(resumed, loop)  # relaunch: epoch 1, 1 step (= 2 micro-batches) in
+    assert interrupted.reported[-1].metrics["resumed_from_step"] == 4 and sorted(resumed.lrs) == [4, 5]
+
+    for name, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+    assert whole_ema.keys() == resumed_ema.keys()
+    for name, value in whole_ema.items():
+        torch.testing.assert_close(resumed_ema[name], value, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(whole_ema["3.weight"], whole.model.state_dict()["3.weight"])  # the EMA lags
