@@ -3,8 +3,11 @@ its save, the metrics logger's windows and history, and the per-step data stream
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +93,7 @@ def test_a_saved_checkpoint_is_reported_with_its_metrics_and_restores(tmp_path, 
     checkpointer = _checkpointer(2, 4, state=lambda: {"model": ModelState(model)})
     checkpointer.save(2, {"loss": 0.5, "step": 2}, {"skipped_steps": 1, "history": [{"step": 2, "loss": 0.5}]})
     (metrics, directory), = reported
-    assert metrics == {"loss": 0.5, "step": 2} and directory.name == "checkpoint_step000000002"
+    assert metrics == {"loss": 0.5, "step": 2} and re.fullmatch(r"checkpoint_step000000002-[0-9a-f]{8}", directory.name)
     assert verify_checkpoint(directory) == {"step": 2, "skipped_steps": 1, "history": [{"step": 2, "loss": 0.5}],
                                             "world_size": 1}
     nn.init.constant_(model.weight, 0.0)
@@ -201,3 +204,37 @@ def test_a_run_resumed_mid_epoch_with_accumulation_ends_with_the_uninterrupted_r
     for name, value in whole_ema.items():
         torch.testing.assert_close(resumed_ema[name], value, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(whole_ema["3.weight"], whole.model.state_dict()["3.weight"])  # the EMA lags
+
+
+def test_a_run_that_fell_back_past_a_corrupt_checkpoint_saves_under_new_names_and_resumes_again(
+        tmp_path, monkeypatch):
+    loop = LoopConfig(epochs=2, global_batch_size=4, max_micro_batch=4, checkpoint_every_steps=3, log_every_steps=100)
+    schedule = LRSchedule(base_lr=3e-2, final_lr=3e-3, hold_epochs=1, decay_end_epoch=3)
+    ray_train = FakeRayTrain(tmp_path)  # keeps every reported name, as Ray's run snapshot does
+    ray_train.install(monkeypatch)
+    run_fit(TinyTask(schedule), loop)
+    stale = ray_train.reported[-1].checkpoint.path
+    shard = next(Path(stale).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8])  # a save cut short
+
+    longer = dataclasses.replace(loop, epochs=3)
+    run_fit(TinyTask(schedule), longer)  # falls back to step 3, takes step 6 again, then 9
+    assert [r.metrics["step"] for r in ray_train.reported] == [3, 6, 6, 9]
+    assert ray_train.reported[-1].metrics["resumed_from_step"] == 3
+    names = [Path(r.checkpoint.path).name for r in ray_train.reported]
+    assert len(set(names)) == 4 and names == sorted(names, key=lambda name: name[:24])  # sortable by step
+
+    resumed = TinyTask(schedule)
+    run_fit(resumed, dataclasses.replace(loop, epochs=4))  # relaunch: the newest step-9 checkpoint
+    assert ray_train.reported[-1].metrics["resumed_from_step"] == 9 and sorted(resumed.lrs) == [9, 10, 11]
+
+
+def test_restore_takes_the_newest_attempt_of_a_step_saved_twice(tmp_path, monkeypatch):
+    FakeRayTrain(tmp_path).install(monkeypatch)
+    model = nn.Linear(3, 1)
+    for weight in (1.0, 2.0):  # two attempts (a fallback, then the same step again), each its own Checkpointer
+        nn.init.constant_(model.weight, weight)
+        _checkpointer(2, 4, state=lambda: {"model": ModelState(model)}).save(2, {"step": 2}, {})
+    nn.init.constant_(model.weight, 0.0)
+    restored = _checkpointer(2, 4, state=lambda: {"model": ModelState(model)}).restore()
+    assert restored["step"] == 2 and torch.all(model.weight == 2.0)
