@@ -132,8 +132,8 @@ def dcp_failure(error: BaseException) -> str:
     (its ``str`` is their multi-line tracebacks); any other error is its type and first line."""
     if isinstance(error, CheckpointException):
         return "; ".join(f"rank {rank}: {dcp_failure(cause)}" for rank, (cause, _) in sorted(error.failures.items()))
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def restore_latest(candidates: Iterable[Any], state: dict[str, Any],
