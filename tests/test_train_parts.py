@@ -3,17 +3,23 @@ its save, the metrics logger's windows and history, and the per-step data stream
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from fit_harness import FakeRayTrain, TinyTask, run_fit
 from torch import nn
 
-from jobs.train.checkpointing import Checkpointer, ModelState, restore_latest, verify_checkpoint
+from jobs.train.checkpointing import Checkpointer, ModelState, restore_latest, save_checkpoint, verify_checkpoint
 from jobs.train.metrics_logger import MetricsLogger
 from jobs.train.optimizer_step import accumulate_gradients, read_logs
 from jobs.train.parallelize import plan_batches
-from jobs.train.loop import RunContext, step_batches
+from jobs.train.loop import LoopConfig, RunContext, step_batches
+from jobs.train.lr_schedule import LRSchedule
 
 
 def _mlp() -> nn.Module:
@@ -87,7 +93,7 @@ def test_a_saved_checkpoint_is_reported_with_its_metrics_and_restores(tmp_path, 
     checkpointer = _checkpointer(2, 4, state=lambda: {"model": ModelState(model)})
     checkpointer.save(2, {"loss": 0.5, "step": 2}, {"skipped_steps": 1, "history": [{"step": 2, "loss": 0.5}]})
     (metrics, directory), = reported
-    assert metrics == {"loss": 0.5, "step": 2} and directory.name == "checkpoint_step000000002"
+    assert metrics == {"loss": 0.5, "step": 2} and re.fullmatch(r"checkpoint_step000000002-[0-9a-f]{8}", directory.name)
     assert verify_checkpoint(directory) == {"step": 2, "skipped_steps": 1, "history": [{"step": 2, "loss": 0.5}],
                                             "world_size": 1}
     nn.init.constant_(model.weight, 0.0)
@@ -153,3 +159,82 @@ def test_data_running_out_names_the_epoch_and_step():
     with pytest.raises(RuntimeError, match="data ran out in epoch 0 at step 1"):
         list(step_batches(short, ctx, 0, total_steps=3))
 
+
+
+def test_a_checkpoint_whose_files_pass_their_checksums_but_that_dcp_rejects_falls_back(tmp_path, caplog):
+    good, bad = tmp_path / "checkpoint_step000000002", tmp_path / "checkpoint_step000000004"
+    saved = nn.Linear(3, 1)
+    nn.init.constant_(saved.weight, 2.0)
+    save_checkpoint(good, {"model": ModelState(saved)}, {"step": 2}, rank=0, world_size=1)
+    other_structure = nn.Linear(3, 2)  # intact files, checksums written: only DCP's load can tell
+    save_checkpoint(bad, {"model": ModelState(other_structure)}, {"step": 4}, rank=0, world_size=1)
+    assert verify_checkpoint(bad)["step"] == 4
+
+    model = nn.Linear(3, 1)
+    with caplog.at_level(logging.ERROR, logger="jobs.train.checkpointing"):
+        restored = restore_latest([bad, good], {"model": ModelState(model)}, contextlib.nullcontext)
+    assert restored["step"] == 2 and restored["restored_from"] == str(good) and torch.all(model.weight == 2.0)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "jobs.train.checkpointing"]
+    assert message.startswith(f"checkpoint {bad}: DCP could not load it: rank 0: ValueError: Size mismatch") and "model.model.weight" in message
+    assert "falling back to the previous checkpoint" in message and "\n" not in message
+
+
+def test_a_run_resumed_mid_epoch_with_accumulation_ends_with_the_uninterrupted_runs_weights_and_ema(
+        tmp_path, monkeypatch):
+    # 3 steps per epoch of 2 micro-batches each; checkpoints after steps 2 and 4 are both mid-epoch
+    loop = LoopConfig(epochs=2, global_batch_size=4, max_micro_batch=2, checkpoint_every_steps=2, log_every_steps=100)
+    schedule = LRSchedule(base_lr=3e-2, final_lr=3e-3, hold_epochs=1, decay_end_epoch=2)
+
+    FakeRayTrain(tmp_path / "whole").install(monkeypatch)
+    whole = TinyTask(schedule)
+    whole_ema = run_fit(whole, loop)
+
+    interrupted = FakeRayTrain(tmp_path / "interrupted")
+    interrupted.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="injected failure at step 5"):
+        run_fit(TinyTask(schedule, fail_at=5), loop)
+    assert [r.metrics["step"] for r in interrupted.reported] == [2, 4]
+    resumed = TinyTask(schedule)
+    resumed_ema = run_fit(resumed, loop)  # relaunch: epoch 1, 1 step (= 2 micro-batches) in
+    assert interrupted.reported[-1].metrics["resumed_from_step"] == 4 and sorted(resumed.lrs) == [4, 5]
+
+    for name, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+    assert whole_ema.keys() == resumed_ema.keys()
+    for name, value in whole_ema.items():
+        torch.testing.assert_close(resumed_ema[name], value, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(whole_ema["3.weight"], whole.model.state_dict()["3.weight"])  # the EMA lags
+
+
+def test_a_run_that_fell_back_past_a_corrupt_checkpoint_saves_under_new_names_and_resumes_again(
+        tmp_path, monkeypatch):
+    loop = LoopConfig(epochs=2, global_batch_size=4, max_micro_batch=4, checkpoint_every_steps=3, log_every_steps=100)
+    schedule = LRSchedule(base_lr=3e-2, final_lr=3e-3, hold_epochs=1, decay_end_epoch=3)
+    ray_train = FakeRayTrain(tmp_path)  # keeps every reported name, as Ray's run snapshot does
+    ray_train.install(monkeypatch)
+    run_fit(TinyTask(schedule), loop)
+    stale = ray_train.reported[-1].checkpoint.path
+    shard = next(Path(stale).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8])  # a save cut short
+
+    longer = dataclasses.replace(loop, epochs=3)
+    run_fit(TinyTask(schedule), longer)  # falls back to step 3, takes step 6 again, then 9
+    assert [r.metrics["step"] for r in ray_train.reported] == [3, 6, 6, 9]
+    assert ray_train.reported[-1].metrics["resumed_from_step"] == 3
+    names = [Path(r.checkpoint.path).name for r in ray_train.reported]
+    assert len(set(names)) == 4 and names == sorted(names, key=lambda name: name[:24])  # sortable by step
+
+    resumed = TinyTask(schedule)
+    run_fit(resumed, dataclasses.replace(loop, epochs=4))  # relaunch: the newest step-9 checkpoint
+    assert ray_train.reported[-1].metrics["resumed_from_step"] == 9 and sorted(resumed.lrs) == [9, 10, 11]
+
+
+def test_restore_takes_the_newest_attempt_of_a_step_saved_twice(tmp_path, monkeypatch):
+    FakeRayTrain(tmp_path).install(monkeypatch)
+    model = nn.Linear(3, 1)
+    for weight in (1.0, 2.0):  # two attempts (a fallback, then the same step again), each its own Checkpointer
+        nn.init.constant_(model.weight, weight)
+        _checkpointer(2, 4, state=lambda: {"model": ModelState(model)}).save(2, {"step": 2}, {})
+    nn.init.constant_(model.weight, 0.0)
+    restored = _checkpointer(2, 4, state=lambda: {"model": ModelState(model)}).restore()
+    assert restored["step"] == 2 and torch.all(model.weight == 2.0)

@@ -8,6 +8,7 @@ run's storage, any fsspec/pyarrow URL):
     trainer_state.json              rank 0, written last: the step, the count of skipped steps, the
                                     history of logged lines so far, and the world size that wrote it
 
+Each is reported to Ray Train as ``checkpoint_step<step>-<attempt>`` (:func:`checkpoint_dir_name`).
 DCP re-shards on load, so a run may resume on a different number of workers. A checkpoint whose
 files are missing, truncated or altered fails :func:`verify_checkpoint` with a
 :class:`CheckpointError` naming the file, and :func:`restore_latest` falls back to the previous one.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -119,9 +122,18 @@ def load_checkpoint(directory: str | Path, state: dict[str, Any]) -> dict[str, A
     trainer_state = verify_checkpoint(directory)
     try:
         dcp.load(state, checkpoint_id=str(directory))
-    except Exception as error:  # DCP raises many types; name the checkpoint either way
-        raise CheckpointError(f"checkpoint {directory}: DCP could not load it: {error}") from error
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        raise CheckpointError(f"checkpoint {directory}: DCP could not load it: {dcp_failure(error)}") from error
     return trainer_state
+
+
+def dcp_failure(error: BaseException) -> str:
+    """One line for what DCP raised: a ``CheckpointException`` holds each failed rank's exception
+    (its ``str`` is their multi-line tracebacks); any other error is its type and first line."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {rank}: {dcp_failure(cause)}" for rank, (cause, _) in sorted(error.failures.items()))
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def restore_latest(candidates: Iterable[Any], state: dict[str, Any],
@@ -144,9 +156,15 @@ def restore_latest(candidates: Iterable[Any], state: dict[str, Any],
     return None
 
 
-def checkpoint_dir_name(step: int) -> str:
-    """A sortable, readable directory name for the checkpoint taken after ``step`` steps."""
-    return f"checkpoint_step{step:09d}"
+def checkpoint_dir_name(step: int, attempt: str) -> str:
+    """A directory name for the checkpoint taken after ``step`` steps by ``attempt``, sortable by step.
+
+    The name is unique per attempt because a run that fell back past a corrupted checkpoint takes
+    that step again: under the same name the new checkpoint would overwrite the old one's folder,
+    and Ray Train, which keeps both in its run snapshot, would delete it when it prunes the old one;
+    the next relaunch then fails (the snapshot names a checkpoint that no longer exists).
+    """
+    return f"checkpoint_step{step:09d}-{attempt}"
 
 
 class Checkpointer:
@@ -160,6 +178,8 @@ class Checkpointer:
             raise ValueError(f"checkpoints every {every_steps} steps: must be positive")
         self._state, self.every_steps, self.total_steps = state, every_steps, total_steps
         self.rank, self.world_size = rank, world_size
+        # Each rank draws its own; Ray Train gives every rank rank 0's checkpoint name.
+        self.attempt = uuid.uuid4().hex[:8]
 
     def due(self, step: int) -> bool:
         """Whether the run checkpoints after ``step`` steps."""
@@ -173,20 +193,21 @@ class Checkpointer:
             save_checkpoint(local, self._state(), dict(trainer_state, step=step), rank=self.rank,
                             world_size=self.world_size)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                             checkpoint_dir_name=checkpoint_dir_name(step))
+                             checkpoint_dir_name=checkpoint_dir_name(step, self.attempt))
 
     def restore(self) -> dict[str, Any] | None:
         """Load the newest valid reported checkpoint of this run (after a worker failure or a
         relaunch with the same run name), falling back past corrupted ones; return its trainer
-        state (with ``restored_from``), or None on a fresh start."""
+        state (with ``restored_from``), or None on a fresh start. Newest: the highest step, and of
+        a step saved twice (again after a fallback), the one reported last."""
         import ray.train
 
         latest = ray.train.get_checkpoint()
         if latest is None:
             return None
-        reported = ray.train.get_all_reported_checkpoints()
-        candidates = sorted(reported, key=lambda r: r.metrics.get("step", -1), reverse=True)
-        paths = [r.checkpoint for r in candidates] or [latest]
+        reported = list(enumerate(ray.train.get_all_reported_checkpoints()))  # in the order reported
+        newest_first = sorted(reported, key=lambda item: (item[1].metrics.get("step", -1), item[0]), reverse=True)
+        paths = [r.checkpoint for _, r in newest_first] or [latest]
         if all(c.path != latest.path for c in paths):
             paths.insert(0, latest)
         restored = restore_latest(paths, self._state(), lambda c: c.as_directory())
