@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from jobs.user_paths import PathField, as_path_fields, with_absolute_paths
+from jobs.user_paths import PathField, absolute_location, as_path_fields
 
 T = TypeVar("T")
 
@@ -293,4 +293,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def absolute_paths(config: T, args: argparse.Namespace) -> T:
     """``config`` (the command's, from :func:`config_from_args`) with every path field the command
     declared made absolute: what the command runs with, whichever process opens the files."""
-    return with_absolute_paths(config, args.config_paths)
+    changes = {}
+    for spec in args.config_paths:
+        value = default_at(config, spec.field)
+        if isinstance(value, str) and value not in spec.words:
+            changes[spec.field] = absolute_location(value)
+    return apply_overrides(config, changes)

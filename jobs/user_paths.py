@@ -7,13 +7,9 @@ scheme (``s3://``, ``gs://``, ``memory://``, ``file://``) are kept as they are.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 
 def absolute_location(text: str) -> str:
@@ -36,24 +32,3 @@ class PathField:
 
 def as_path_fields(fields: Sequence[str | PathField]) -> tuple[PathField, ...]:
     return tuple(item if isinstance(item, PathField) else PathField(item) for item in fields)
-
-
-def with_absolute_paths(config: T, fields: Sequence[str | PathField]) -> T:
-    """A copy of ``config`` (a config dataclass) whose path ``fields`` hold absolute locations."""
-    for spec in as_path_fields(fields):
-        value = _get(config, spec.field)
-        if isinstance(value, str) and value not in spec.words:
-            config = _replace(config, spec.field.split("."), absolute_location(value))
-    return config
-
-
-def _get(config: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = getattr(config, part)
-    return config
-
-
-def _replace(config: Any, parts: list[str], value: Any) -> Any:
-    head, *rest = parts
-    new = _replace(getattr(config, head), rest, value) if rest else value
-    return dataclasses.replace(config, **{head: new})
