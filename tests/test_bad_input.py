@@ -285,7 +285,7 @@ def test_a_disk_full_inside_a_ray_task_is_found_behind_rays_wrappers():
     """Ray Data reports a UDF's failure as "UDF failed" around the worker's RayTaskError: the cause is named."""
     from ray.exceptions import RayTaskError
 
-    from pipelines.storage import describe_storage_fault
+    from pipelines.storage_faults import describe_storage_fault
 
     disk_full = OSError(errno.ENOSPC, "No space left on device", "/data/store/parts/part-000003.parquet")
     try:
@@ -390,7 +390,7 @@ def test_a_disk_full_inside_a_ray_data_udf_is_found_in_the_workers_traceback():
 
     from ray.exceptions import RayTaskError, UserCodeException
 
-    from pipelines.storage import describe_storage_fault
+    from pipelines.storage_faults import describe_storage_fault
 
     try:
         try:

@@ -82,8 +82,8 @@ def show_our_log_lines() -> None:
 
 def _user_message(error: Exception, args: argparse.Namespace, user_errors: tuple[type, ...]) -> str | None:
     """The one line for an error that is the user's or their storage's (a full disk, a store path that
-    is a file, missing S3 credentials: see pipelines.storage), or None for a bug (its traceback shows)."""
-    from pipelines.storage import describe_storage_fault, is_bare_os_error
+    is a file, missing S3 credentials: see pipelines.storage_faults), or None for a bug (its traceback shows)."""
+    from pipelines.storage_faults import describe_storage_fault, is_bare_os_error
 
     # A Ray worker's error comes wrapped with its whole traceback; its cause holds the message.
     raised = error.cause if type(error).__module__.startswith("ray.") and hasattr(error, "cause") else error
