@@ -3,6 +3,10 @@
     shards (one row each) -> decode + ADM crop (CPU tasks) -> encoder actor pool (GPU, or CPU)
                           -> commit the shard (CPU tasks: Parquet part, partial moments, marker)
 
+With ``decode`` gpu (the default on GPU actors) the CPU tasks only read the tar and the images'
+headers: JPEGs travel as bytes and the encoder actors decode and crop them on their GPU
+(pipelines/shard_jpegs.py, pipelines/gpu_decode.py); other images are decoded by the CPU tasks as before.
+
 Why one row per shard, read with our own tar reader instead of ``read_webdataset``: each shard is
 decoded, encoded and committed as a unit, so a killed job resumes exactly at shard granularity (no
 row lost or written twice), statistics are merged from per-shard float64 moments in shard order (a
@@ -29,6 +33,7 @@ from pipelines.cluster_capacity import parse_count_range
 from pipelines.encoder_actor import LatentEncoder
 from pipelines.image_decode import ADM_CROP, DecodeLimits, decode_shard_batch
 from pipelines.shard_commit import commit_shard_batch
+from pipelines.shard_jpegs import split_shard_batch
 from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
 from rae.devices import check_device_choice
@@ -36,6 +41,8 @@ from rae.encoders import DEFAULT_ENCODER, ENCODER_RESIZE, RepresentationEncoder,
 from rae.latent_spec import STATS_FILE
 
 log = logging.getLogger(__name__)
+
+DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,18 @@ class EncodeConfig:
     device: str = "auto"                  # auto: one GPU per actor when the cluster has or can add GPUs, else CPU
     num_actors: int | tuple[int, int] | None = None  # pool size N or (MIN, MAX); None: 1..GPUs the cluster can have (1 on CPU)
     gpu_wait_s: float = 600.0             # how long GPU actors may take to start before the job fails
+    decode: str = "auto"                  # JPEG decode + crop: gpu in the encoder actors (nvJPEG), cpu in CPU tasks; auto: gpu on GPU actors
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     storage_options: StorageOptions | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         check_device_choice(self.device)
+        if self.decode not in DECODE_CHOICES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_CHOICES)}; got {self.decode!r}")
+        if self.decode == "gpu" and self.device == "cpu":
+            raise ValueError("--decode gpu decodes JPEGs on the encoder actors' GPUs, and --device cpu gives them "
+                             "none: pass --decode cpu (or auto), or --device gpu (or auto)")
         if self.num_actors is not None:
             object.__setattr__(self, "num_actors", parse_count_range(self.num_actors, "num_actors"))
         if self.batch_size < 1:
@@ -136,6 +149,7 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
     shards_local = storage.is_process_local(storage.resolve(config.shards, opts)[0])
     store_local = storage.is_process_local(storage.resolve(config.store, opts)[0])
     pool = plan_actor_pool(config.device, config.num_actors)
+    decode_on_actors = decodes_on_actors(config.decode, pool.use_gpu)
     # Ray starts a num_cpus=1 actor with OMP_NUM_THREADS=1; on CPU the encoder is the job's whole
     # cost (decoding is ~2% of it), so each CPU actor uses its share of the cluster's cores.
     cpu_threads = None if pool.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // pool.max_size)
@@ -155,13 +169,14 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
         # keeps decoding a separate operator (a request the actor does not share) that overlaps the
         # encoder, instead of being fused into the encoder actor.
         decode_memory = max(64 * 2**20, 3 * max(shards[i].size for i in pending))
-        ds = ds.map_batches(decode_shard_batch, batch_size=1, num_cpus=1, memory=decode_memory, fn_kwargs={
+        decode = split_shard_batch if decode_on_actors else decode_shard_batch
+        ds = ds.map_batches(decode, batch_size=1, num_cpus=1, memory=decode_memory, fn_kwargs={
             "image_size": encoder.spec.image_size, "limits": config.limits,
             "num_classes": len(class_names) if class_names else None, "storage_options": opts})
         ds = pool.map(ds, encoder_cls, {
             "encoder": config.encoder, "weights": config.encoder_weights, "input_size": encoder.spec.input_size,
             "flip": config.flip, "latent_dtype": config.latent_dtype, "batch_size": config.batch_size,
-            "weights_digest": encoder.weights_digest, "cpu_threads": cpu_threads})
+            "weights_digest": encoder.weights_digest, "cpu_threads": cpu_threads, "limits": config.limits})
         if not store_local:
             # Commit tasks import numpy and pyarrow only (pipelines.shard_commit: ~0.2 GB a worker
             # process, where importing this module's torch and timm made each ~0.9 GB). A whole CPU
@@ -184,6 +199,15 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
     if pool.use_gpu and any(w.endswith("device cpu") for w in workers):
         log.warning("encoder actors held a Ray GPU but found no usable CUDA and ran on CPU (%s)", workers)
     return workers
+
+
+def decodes_on_actors(decode: str, gpu_actors: bool) -> bool:
+    """Whether the encoder actors decode the JPEGs (``decode`` gpu, or auto on GPU actors); ``decode``
+    gpu where the actors get no GPU is refused."""
+    if decode == "gpu" and not gpu_actors:
+        raise ValueError("--decode gpu, but the encoder actors run on CPU: this cluster has no GPU and cannot add "
+                         "one. Pass --decode auto or cpu, or run on a cluster with GPUs.")
+    return decode == "gpu" or (decode == "auto" and gpu_actors)
 
 
 def describe_worker(encoded_on: dict | None) -> str:

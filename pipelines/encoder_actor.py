@@ -6,7 +6,9 @@ so it runs wherever torch and timm do.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +16,12 @@ import torch
 from rae.devices import pick_device
 from rae.encoders import RepresentationEncoder, load_encoder
 from rae.image_tensors import to_unit_images
+
+if TYPE_CHECKING:
+    from pipelines.gpu_decode import JpegCropper
+    from pipelines.image_decode import DecodeLimits
+
+log = logging.getLogger(__name__)
 
 
 class LatentEncoder:
@@ -23,10 +31,15 @@ class LatentEncoder:
     Ray GPU without CUDA is not usable). On GPU: bf16 autocast, and latents cast to the store dtype
     before they leave the device (half the bytes copied back for float16). On CPU: ``cpu_threads``
     torch threads (a ``num_cpus=1`` Ray actor starts with one), at most the cores this process may use.
+
+    A row may bring JPEG bytes instead of crops (``--decode gpu``, pipelines/shard_jpegs.py): the
+    actor then decodes and crops them on its device (nvJPEG on CUDA; on CPU, or where nvJPEG fails,
+    torchvision's libjpeg-turbo), with ``limits`` for the images it hands to the CPU path.
     """
 
     def __init__(self, encoder: str, weights: str | None, input_size: int | None, flip: bool,
-                 latent_dtype: str, batch_size: int, weights_digest: str, cpu_threads: int | None = None):
+                 latent_dtype: str, batch_size: int, weights_digest: str, cpu_threads: int | None = None,
+                 limits: DecodeLimits | None = None):
         self.device = pick_device()
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(max(1, min(cpu_threads, len(os.sched_getaffinity(0)))))
@@ -41,17 +54,21 @@ class LatentEncoder:
         self._slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # pinned (crops, latents) x 2, on first GPU use
         self._slots_key: tuple | None = None
         self.encoded_on = where_this_runs(self.device)
+        self.limits = limits
+        self._jpeg_cropper: JpegCropper | None = None  # made for the first row of JPEG bytes
 
     @torch.inference_mode()
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """(n, S, S, 3) uint8 -> (n, V, N, C) latents, V = 2 with the flipped view."""
+    def encode(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(n, S, S, 3) uint8, on the host or already on the device -> (n, V, N, C) latents, V = 2 with
+        the flipped view."""
         n, c = self.encoder.latent_spec().shape
         out = np.empty((len(images), 2 if self.flip else 1, n, c), self.dtype)
         if self.device.type == "cuda":
             self._encode_pipelined(images, out)
         else:
             for start in range(0, len(images), self.batch_size):
-                x = torch.from_numpy(np.array(images[start:start + self.batch_size]))
+                x = images[start:start + self.batch_size]
+                x = x.to(self.device) if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))
                 out[start:start + len(x)] = self._latents(x).numpy()
         return out
 
@@ -62,7 +79,7 @@ class LatentEncoder:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return torch.stack([self.encoder(v).float() for v in views], dim=1).to(self.torch_dtype)
 
-    def _encode_pipelined(self, images: np.ndarray, out: np.ndarray) -> None:
+    def _encode_pipelined(self, images: np.ndarray | torch.Tensor, out: np.ndarray) -> None:
         """Batches through two pinned host slots, so the host's copies (crops in, latents out) overlap
         the GPU's work on the other slot instead of idling it: with one synchronous batch at a time
         the GPU ran DINOv2-B at a third of its rate (benchmarks/README.md)."""
@@ -81,14 +98,33 @@ class LatentEncoder:
             drain(slot)  # its previous batch is back on the host and its input buffer is free
             stop = min(start + self.batch_size, len(images))
             host_in, host_out = slots[slot]
-            np.copyto(host_in[:stop - start].numpy(), images[start:stop])
-            latents = self._latents(host_in[:stop - start].to(self.device, non_blocking=True))
+            if isinstance(images, torch.Tensor):  # crops made on the device: no copy in
+                x = images[start:stop].to(self.device)
+            else:
+                np.copyto(host_in[:stop - start].numpy(), images[start:stop])
+                x = host_in[:stop - start].to(self.device, non_blocking=True)
+            latents = self._latents(x)
             host_out[:stop - start].copy_(latents, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
             pending[slot] = (start, stop, done)
         for slot in (0, 1):
             drain(slot)
+
+    def jpeg_cropper(self) -> JpegCropper:
+        """The JPEG decoder + cropper of this actor: on its CUDA device when nvJPEG works there, else on CPU."""
+        if self._jpeg_cropper is None:
+            from pipelines.gpu_decode import JpegCropper, nvjpeg_problem
+            from pipelines.image_decode import DecodeLimits
+
+            device = self.device
+            if device.type == "cuda":
+                problem = nvjpeg_problem()
+                if problem:
+                    log.warning("nvJPEG does not work on this GPU (%s); this actor decodes JPEGs on its CPU", problem)
+                    device = torch.device("cpu")
+            self._jpeg_cropper = JpegCropper(self.encoder.spec.image_size, device, self.limits or DecodeLimits())
+        return self._jpeg_cropper
 
     def _pinned_slots(self, image_shape: tuple, latent_shape: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
         key = (tuple(image_shape), tuple(latent_shape))
@@ -100,8 +136,17 @@ class LatentEncoder:
         return self._slots
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        latents = self.encode(batch["images"][0])
-        meta = json.dumps({**json.loads(batch["meta"][0]), "encoded_on": self.encoded_on})
+        if "jpegs" in batch:
+            from pipelines.gpu_decode import crop_split_shard
+
+            cropper = self.jpeg_cropper()
+            images, meta = crop_split_shard(json.loads(batch["meta"][0]), batch["images"][0], batch["jpegs"][0], cropper)
+            latents = self.encode(images)
+            meta["encoded_on"] = {**self.encoded_on, "jpeg_decode": cropper.device.type}
+        else:
+            latents = self.encode(batch["images"][0])
+            meta = {**json.loads(batch["meta"][0]), "encoded_on": self.encoded_on}
+        meta = json.dumps(meta)
         return {"shard_index": batch["shard_index"], "meta": np.array([meta]), "latents": latents[None]}
 
 

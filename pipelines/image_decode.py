@@ -12,7 +12,7 @@ import io
 import json
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,16 +69,31 @@ def _pil_pixel_limit_lifted() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def adm_resize_steps(width: int, height: int, image_size: int) -> tuple[list[tuple[str, tuple[int, int]]], tuple[int, int]]:
+    """The ADM crop's geometry: the resizes it makes, as ``("box" | "bicubic", (width, height))`` in order,
+    and the centre square's ``(top, left)`` in the last size. Shared by the PIL crop below and the
+    torch one (pipelines/gpu_decode.py), so both cut the same square."""
+    steps: list[tuple[str, tuple[int, int]]] = []
+    size = (width, height)
+    while min(*size) >= 2 * image_size:
+        size = (size[0] // 2, size[1] // 2)
+        steps.append(("box", size))
+    scale = image_size / min(*size)
+    size = (round(size[0] * scale), round(size[1] * scale))
+    steps.append(("bicubic", size))
+    return steps, ((size[1] - image_size) // 2, (size[0] - image_size) // 2)
+
+
+_PIL_FILTERS = {"box": Image.BOX, "bicubic": Image.BICUBIC}
+
+
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     """ADM centre crop: halve with a box filter while >= 2x the target, bicubic-resize the short side
     to ``image_size``, then take the centre square."""
-    while min(*image.size) >= 2 * image_size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = image_size / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    steps, (top, left) = adm_resize_steps(*image.size, image_size)
+    for name, size in steps:
+        image = image.resize(size, resample=_PIL_FILTERS[name])
     arr = np.asarray(image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
     return arr[top:top + image_size, left:left + image_size]
 
 
@@ -104,20 +119,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise RejectedImage(f"cannot convert image mode {image.mode} to RGB: {err}") from err
 
 
-def decode_image(data: bytes, image_size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Bytes of one image -> ``(image_size, image_size, 3)`` uint8, or ``RejectedImage`` with the reason."""
+@contextlib.contextmanager
+def _rejecting_bad_data() -> Iterator[None]:
+    """Whatever PIL raises for bad data, as ``RejectedImage`` with the reason recorded in the store."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _pil_pixel_limit_lifted():
-                image = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise RejectedImage(f"image too large: {width}x{height} pixels (limit {limits.max_pixels})")
-            if min(width, height) < limits.min_side:
-                raise RejectedImage(f"image too small: {width}x{height} (shorter side below {limits.min_side})")
-            image.load()
-            rgb = to_rgb(image)
+            yield
     except RejectedImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -126,6 +134,28 @@ def decode_image(data: bytes, image_size: int, limits: DecodeLimits = DecodeLimi
         raise RejectedImage("not an image (unrecognised data)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise RejectedImage(f"corrupt or truncated image: {err}") from err
+
+
+def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+    """The image's header read (no pixels decoded) and its size checked against ``limits``; or
+    ``RejectedImage`` with the reason."""
+    with _rejecting_bad_data():
+        with _pil_pixel_limit_lifted():
+            image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise RejectedImage(f"image too large: {width}x{height} pixels (limit {limits.max_pixels})")
+        if min(width, height) < limits.min_side:
+            raise RejectedImage(f"image too small: {width}x{height} (shorter side below {limits.min_side})")
+    return image
+
+
+def decode_image(data: bytes, image_size: int, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Bytes of one image -> ``(image_size, image_size, 3)`` uint8, or ``RejectedImage`` with the reason."""
+    image = open_image(data, limits)
+    with _rejecting_bad_data():
+        image.load()
+        rgb = to_rgb(image)
     return np.ascontiguousarray(center_crop_arr(rgb, image_size))
 
 
@@ -137,18 +167,11 @@ class DecodedShard:
     rejected: list[dict]        # {"shard", "key", "reason"}
 
 
-def decode_shard(shard: ShardInfo, *, image_size: int, limits: DecodeLimits = DecodeLimits(),
-                 num_classes: int | None = None, data: bytes | None = None,
-                 storage_options: StorageOptions | None = None) -> DecodedShard:
-    """Every sample of one shard decoded and cropped; everything unusable listed in ``rejected``."""
-    keys: list[str] = []
-    labels: list[int] = []
-    images: list[np.ndarray] = []
-    rejected: list[dict] = []
-
-    def reject(key: str, reason: str) -> None:
-        rejected.append({"shard": shard.url, "key": key, "reason": reason})
-
+def iter_shard_images(shard: ShardInfo, reject: Callable[[str, str], None], *, limits: DecodeLimits,
+                      num_classes: int | None, data: bytes | None,
+                      storage_options: StorageOptions | None) -> Iterator[tuple[str, int, bytes]]:
+    """``(key, label, image bytes)`` of each sample of one shard in archive order; every sample that
+    has no usable label or image member goes to ``reject(key, reason)`` instead."""
     try:
         handle = shard_bytes_reader(shard, data, storage_options)
     except FileNotFoundError as err:
@@ -166,13 +189,30 @@ def decode_shard(shard: ShardInfo, *, image_size: int, limits: DecodeLimits = De
             if isinstance(label, str):
                 reject(item.key, label)
                 continue
-            try:
-                images.append(decode_image(member[1], image_size, limits))
-            except RejectedImage as err:
-                reject(item.key, str(err))
-                continue
-            keys.append(item.key)
-            labels.append(label)
+            yield item.key, label, member[1]
+
+
+def decode_shard(shard: ShardInfo, *, image_size: int, limits: DecodeLimits = DecodeLimits(),
+                 num_classes: int | None = None, data: bytes | None = None,
+                 storage_options: StorageOptions | None = None) -> DecodedShard:
+    """Every sample of one shard decoded and cropped; everything unusable listed in ``rejected``."""
+    keys: list[str] = []
+    labels: list[int] = []
+    images: list[np.ndarray] = []
+    rejected: list[dict] = []
+
+    def reject(key: str, reason: str) -> None:
+        rejected.append({"shard": shard.url, "key": key, "reason": reason})
+
+    for key, label, image in iter_shard_images(shard, reject, limits=limits, num_classes=num_classes, data=data,
+                                               storage_options=storage_options):
+        try:
+            images.append(decode_image(image, image_size, limits))
+        except RejectedImage as err:
+            reject(key, str(err))
+            continue
+        keys.append(key)
+        labels.append(label)
     stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
     return DecodedShard(keys, labels, stacked, rejected)
 

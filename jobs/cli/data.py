@@ -64,6 +64,9 @@ ENCODE_FLAGS = (
     Flag("batch_size", "images per encoder forward (256 was the fastest for DINOv2-B at bf16 on an H200)"),
     Flag("device", "auto: one GPU per actor when the cluster has GPUs or its autoscaler can add GPU nodes "
                    "(decided from the autoscaler's node types, not the GPUs up now), else CPU", choices=DEVICE_CHOICES),
+    Flag("decode", "where JPEGs are decoded and ADM-cropped: gpu, on the encoder actors' GPUs (nvJPEG; other images "
+                   "and what nvJPEG refuses on CPU); cpu, in CPU tasks; auto: gpu when the actors get GPUs",
+         choices=("auto", "cpu", "gpu")),
     Flag("num_actors", "encoder actors: N, or MIN,MAX for a pool that grows as GPU nodes join (default: 1 up to "
                        "one per GPU the cluster can have; 1 on CPU)", type=parse_actor_count, metavar="N|MIN,MAX"),
     Flag("gpu_wait_s", "seconds the first GPU actor may take to start (the autoscaler adding a GPU node) before "
