@@ -15,8 +15,11 @@ torch's antialiased bicubic would differ by a few levels. What remains is the de
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
+from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,14 +117,24 @@ class DeviceCropper:
         return x.permute(0, 2, 3, 1).contiguous()
 
 
+@contextlib.contextmanager
+def _torchvision_io() -> Iterator[None]:
+    """torchvision 0.29 warns on every decode that its image I/O moves to TorchCodec; the warning is
+    about the future, not about this data, so it is kept off the job's output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        yield
+
+
 def nvjpeg_problem() -> str | None:
     """None when ``decode_jpeg`` works on this machine's CUDA device; else why not (a CPU-only
     torchvision build, a driver without nvJPEG)."""
     try:
         from torchvision.io import decode_jpeg, encode_jpeg
 
-        probe = encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))
-        decode_jpeg([probe], device="cuda")
+        with _torchvision_io():
+            decode_jpeg([encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))], device="cuda")
     except Exception as err:  # any failure means: decode on the CPU instead
         return f"{type(err).__name__}: {err}"
     return None
@@ -159,16 +172,17 @@ class JpegCropper:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
-        try:
-            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-        except (RuntimeError, ValueError):  # one bad image fails the batch: find it, one at a time
-            decoded: list[torch.Tensor | None] = []
-            for one in data:
-                try:
-                    decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
-                except (RuntimeError, ValueError):
-                    decoded.append(None)
-            return decoded
+        with _torchvision_io():
+            try:
+                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+            except (RuntimeError, ValueError):  # one bad image fails the batch: find it, one at a time
+                decoded: list[torch.Tensor | None] = []
+                for one in data:
+                    try:
+                        decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
+                    except (RuntimeError, ValueError):
+                        decoded.append(None)
+                return decoded
 
     def _on_cpu(self, jpeg: bytes) -> torch.Tensor | RejectedImage:
         try:
