@@ -216,7 +216,7 @@ def crop_split_shard(meta: dict, crops: np.ndarray, blob: bytes, cropper: JpegCr
     spans = meta["jpegs"]
     device_spans = [span for span in spans if span is not None]
     on_device = iter(cropper([blob[o:o + n] for o, n, _, _ in device_spans], [(w, h) for _, _, w, h in device_spans]))
-    on_host = iter(torch.from_numpy(np.asarray(crops)).to(cropper.device))
+    on_host = iter(torch.from_numpy(np.array(crops)).to(cropper.device))  # a copy: Ray hands read-only arrays
     kept: list[torch.Tensor] = []
     keys: list[str] = []
     labels: list[int] = []

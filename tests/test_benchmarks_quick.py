@@ -123,8 +123,11 @@ def test_encode_gpu_quick_measures_decode_and_marks_the_gpu_parts(tmp_path):
     record = run_quick(bench_encode_gpu, tmp_path)
     decode = record["results"]["decode"]
     assert decode["images_per_s_1_core"] > 0 and decode["images_per_s_all_cores"] > 0
+    stage = record["results"]["decode_gpu_cpu_stage"]
+    assert stage["split_over_decode"] == stage["decode_gpu_split"]["median"] / stage["decode_cpu"]["median"]
+    assert record["results"]["decode_gpu_pixel_difference_cpu_device"]["max"] == 0
     if not torch.cuda.is_available():
-        assert {"actor", "forward", "bottleneck"} <= set(record["not_run"])
+        assert {"actor", "forward", "bottleneck", "decode_gpu_device", "actor_decode_gpu"} <= set(record["not_run"])
 
 
 def test_sampling_quick_runs_the_sampler_and_projects_from_the_measured_training_rate(tmp_path):
