@@ -15,6 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +36,7 @@ from benchmarks.common import (
     start_ray,
     write_photo_crops,
 )
+from benchmarks.encode_trace import OneThreadLatentEncoder, TracedLatentEncoder, trace_path
 from pipelines import latent_store
 from pipelines.encode import EncodeConfig, LatentEncoder, encode_to_store, plan_manifest
 from pipelines.image_decode import decode_shard
@@ -39,41 +44,6 @@ from pipelines.shards import list_shards, make_shards, read_class_names
 from rae.encoders import load_encoder
 
 ENCODER = "dinov2-s-offline"
-
-
-def trace_path() -> Path:
-    """Where this Ray job's encoder actors record their events (same machine, same job id)."""
-    import ray
-
-    return Path(tempfile.gettempdir()) / f"rae-bench-encode-trace-{ray.get_runtime_context().get_job_id()}.jsonl"
-
-
-def _trace(event: str, **fields: object) -> None:
-    with open(trace_path(), "a") as handle:
-        handle.write(json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **fields}) + "\n")
-
-
-class TracedLatentEncoder(LatentEncoder):
-    """The shipped actor, recording when it starts, is ready, and encodes each shard."""
-
-    def __init__(self, *args, **kwargs):
-        _trace("init_start")
-        super().__init__(*args, **kwargs)
-        _trace("init_end", threads=torch.get_num_threads())
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        _trace("call_start")
-        out = super().__call__(batch)
-        _trace("call_end", images=int(out["latents"].shape[1]))
-        return out
-
-
-class OneThreadLatentEncoder(TracedLatentEncoder):
-    """The actor as it shipped before: Ray starts a ``num_cpus=1`` actor with OMP_NUM_THREADS=1 and
-    it encoded on that one thread (the shipped actor now takes the cluster's CPUs // pool size)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **dict(kwargs, cpu_threads=1))
 
 
 class RayProcesses:
@@ -170,8 +140,11 @@ def breakdown(trace: Path, start: float, end: float) -> dict:
     busy = sum(b["t"] - a["t"] for a, b in zip(calls[::2], calls[1::2]))
     last_end = max((e["t"] for e in events if e["event"] == "call_end"), default=end)
     first_call = min((e["t"] for e in events if e["event"] == "call_start"), default=start)
+    init = next((e for e in events if e["event"] == "init_start"), {})
+    imported = {"job_start_to_actor_module_import_s": init.get("module_import_start", end) - start,
+                "actor_module_import_s": init.get("module_import_end", end) - init.get("module_import_start", end)}
     return {"wall_s": end - start, "first_to_last_shard_s": last_end - first_call,
-            "until_actor_starts_s": first.get("init_start", end) - start,
+            "until_actor_starts_s": first.get("init_start", end) - start, **imported,
             "actor_init_s": first.get("init_end", end) - first.get("init_start", end),
             "actor_ready_to_first_shard_s": first.get("call_start", end) - first.get("init_end", end),
             "actor_encoding_s": busy, "after_last_shard_s": end - last_end,
@@ -194,19 +167,45 @@ def actor_threads() -> int:
         ray.kill(probe)
 
 
-def fixed_cost(images: int, rates: dict, steady: dict[str, float]) -> dict:
-    """Per-job cost outside the per-image work (wall time minus images at the steady rate), what of it
-    a fresh process spends importing the actor's module (torch, timm), and the job size at which
-    the Ray job's end-to-end rate reaches 0.95 of the plain loop's, when its steady rate allows it."""
-    import subprocess
-    import sys
+# A fresh process's start-up, as an encoder actor's (its module, then the encoder built in __init__)
+# and as the encode driver's (its module); "as_before" imports timm and wandb first, as the actor's
+# module did before rae.encoders deferred timm and kept wandb out of its import.
+STARTUP_CODE = {
+    "actor_now": "import pipelines.encoder_actor as a; a.load_encoder('dinov2-s-offline', input_size=56)",
+    "actor_as_before": "import wandb, timm, pipelines.encoder_actor as a; a.load_encoder('dinov2-s-offline', input_size=56)",
+    "driver_import_now": "import pipelines.encode",
+    "driver_import_as_before": "import wandb, timm, pipelines.encode",
+}
 
+
+def fresh_process_startup(repeats: int, names: tuple[str, ...] = tuple(STARTUP_CODE)) -> dict:
+    """Wall and CPU seconds of each of ``names`` (STARTUP_CODE) in a fresh interpreter, alternated, medians."""
+    def one(code: str) -> tuple[float, float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return time.perf_counter() - start, cpu
+
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+    for _ in range(repeats):
+        for name in names:
+            samples[name].append(one(STARTUP_CODE[name]))
+    return {name: {"wall_s": statistics.median(w for w, _ in runs), "cpu_s": statistics.median(c for _, c in runs),
+                   "all_wall_s": [round(w, 2) for w, _ in runs], "all_cpu_s": [round(c, 2) for _, c in runs]}
+            for name, runs in samples.items()}
+
+
+def fixed_cost(images: int, rates: dict, steady: dict[str, float], quick: bool) -> dict:
+    """Per-job cost outside the per-image work (wall time minus images at the steady rate), what a fresh
+    process spends starting as the actor (imports and the encoder's build) and as the driver (imports),
+    and the job size at which the Ray job's end-to-end rate reaches 0.95 of the plain loop's, when its
+    steady rate allows it."""
     walls = {"ray": images / rates["ray_data"]["median"], "plain": images / rates["plain_loop"]["median"]}
     fixed = {k: walls[k] - images / steady[k] for k in walls}
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import pipelines.encoder_actor"], check=True)
     out = {"ray_s": fixed["ray"], "plain_s": fixed["plain"],
-           "fresh_process_import_of_the_actor_s": time.perf_counter() - start}
+           "fresh_process_startup": fresh_process_startup(1, ("actor_now",)) if quick else fresh_process_startup(3)}
     # (F_plain + N / r_plain) / (F_ray + N / r_ray) = 0.95, solved for N.
     margin = 1 / steady["plain"] - 0.95 / steady["ray"]
     need = 0.95 * fixed["ray"] - fixed["plain"]
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         rec.add("steady_ratio_ray_one_thread_actor_over_plain", steady["ray_one_thread"] / steady["plain"])
         rec.add("peak_host_pss_mib", {k: max(v) for k, v in peaks.items()})
         rec.add("ray_job_processes", ray_processes)
-        rec.add("fixed_cost", fixed_cost(config["images"], rates, steady))
+        rec.add("fixed_cost", fixed_cost(config["images"], rates, steady, quick))
         stages = stage_rates(shards, config["input_size"], config["batch_size"], threads=[1, 2])
         rec.add("stages", stages)
     finally:

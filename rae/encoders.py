@@ -10,17 +10,20 @@ trains: its parameters do not require gradients and it stays in eval mode whatev
 Weights come from the hub (timm), a local file in timm's layout, or transformers' DINOv2 layout
 (a `facebook/dinov2-with-registers-*` folder or its model.safetensors, converted by rae.hf_dinov2):
 the last gives the official encoder's numbers.
+
+timm is imported when a trunk is built, not with this module (see `_import_timm`): the presets and
+constants here are read by drivers and CLIs that never build an encoder.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +35,9 @@ from rae.latent_spec import PIXELS_PER_TOKEN, LatentSpec
 # How an image reaches the encoder's input size; latent stores record it (made otherwise, they are other latents).
 ENCODER_RESIZE = "bicubic, align_corners=False, no antialiasing, no clamp (the official RAE.encode)"
 RANDOM_INIT_DIGEST = "random-init"
+# Input normalisations of the presets' timm weights (their pretrained cfgs' mean/std; a test holds them equal).
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # State-dict entries the encoder never uses: classifier heads, pooling, the final norm's affine.
 _UNUSED_PREFIXES = ("head.", "attn_pool.", "fc_norm.", "norm.")
 
@@ -83,10 +89,9 @@ class EncoderSpec:
 
 
 def _preset(name: str, timm_name: str, hf_hub_id: str | None, input_size: int, patch_size: int,
-            channels: int) -> EncoderSpec:
-    cfg = timm.models.get_pretrained_cfg(timm_name)  # mean/std exactly as the weights expect
-    return EncoderSpec(name, timm_name, hf_hub_id, input_size, patch_size, channels,
-                       tuple(cfg.mean), tuple(cfg.std))
+            channels: int, mean_std: tuple[tuple[float, float, float], tuple[float, float, float]] = IMAGENET_MEAN_STD,
+            ) -> EncoderSpec:
+    return EncoderSpec(name, timm_name, hf_hub_id, input_size, patch_size, channels, *mean_std)
 
 
 ENCODER_PRESETS: dict[str, EncoderSpec] = {
@@ -99,7 +104,7 @@ ENCODER_PRESETS: dict[str, EncoderSpec] = {
         _preset("dinov2-l-reg4", "vit_large_patch14_reg4_dinov2.lvd142m",
                 "facebook/dinov2-with-registers-large", 224, 14, 1024),
         _preset("siglip2-b", "vit_base_patch16_siglip_256.v2_webli",
-                "google/siglip2-base-patch16-256", 256, 16, 768),
+                "google/siglip2-base-patch16-256", 256, 16, 768, HALF_MEAN_STD),
         _preset("mae-b", "vit_base_patch16_224.mae", "facebook/vit-mae-base", 256, 16, 768),
         # Real weights without a download: see rae/offline_weights.py (and its caveat).
         _preset("dinov2-s-offline", offline_weights.TIMM_ARCHITECTURE, None, 224, 14, 384),
@@ -244,6 +249,27 @@ def state_dict_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _import_timm():
+    """timm, imported on first use, without wandb.
+
+    Importing timm's package runs its training utilities' ``try: import wandb`` (timm.utils.summary,
+    for its own scripts' logs), and wandb with pydantic and protobuf was a sixth of what a fresh encoder
+    actor spent importing. Nothing here logs through timm, so while timm imports (first import only,
+    and only where wandb is not imported already) wandb reads as missing; afterwards it imports as ever.
+    """
+    if "timm" in sys.modules or "wandb" in sys.modules:
+        import timm
+
+        return timm
+    sys.modules["wandb"] = None  # type: ignore[assignment]  # None: `import wandb` raises ImportError
+    try:
+        import timm
+    finally:
+        if sys.modules.get("wandb", ...) is None:
+            del sys.modules["wandb"]
+    return timm
+
+
 def _default_device_is_meta() -> bool:
     return torch.empty(0).device.type == "meta"
 
@@ -251,6 +277,7 @@ def _default_device_is_meta() -> bool:
 def _create_trunk(spec: EncoderSpec, *, pretrained: bool) -> tuple[nn.Module, float]:
     """The timm model at the spec's input size, stripped to what the encoder uses, and its norm eps."""
     kwargs = dict(pretrained=pretrained, img_size=spec.input_size, num_classes=0)
+    timm = _import_timm()
     if not pretrained:
         trunk = timm.create_model(spec.timm_name, **kwargs)
         return trunk, _strip_unused(trunk)
@@ -279,6 +306,7 @@ def _strip_unused(trunk: nn.Module) -> float:
 def _encoder_from_file(spec: EncoderSpec, path: Path) -> RepresentationEncoder:
     """Build the trunk on the meta device and adopt the file's tensors (no wasted random init)."""
     state_dict, hf_config = read_weights(path)
+    timm = _import_timm()
     with torch.device("meta"):
         trunk = timm.create_model(spec.timm_name, pretrained=False, img_size=spec.input_size, num_classes=0)
     return encoder_from_state_dict(spec, trunk, state_dict, source=f"weights file {path}", hf_config=hf_config)

@@ -64,6 +64,9 @@ def test_encode_quick_compares_ray_with_the_plain_loop(shared_ray, tmp_path):
     assert results["ratio_ray_over_plain"] == pytest.approx(median(rates["ray_data"]) / median(rates["plain_loop"]))
     breakdown = results["time_breakdown"]["ray"][0]
     assert 0 < breakdown["actor_encoding_s"] <= breakdown["wall_s"]
+    # The actor's start, by phase: its module's import (torch; timm waits for the encoder's build in __init__).
+    assert 0 < breakdown["actor_module_import_s"] and 0 < breakdown["actor_init_s"] < breakdown["wall_s"]
+    assert results["fixed_cost"]["fresh_process_startup"]["actor_now"]["cpu_s"] > 0
     # The shipped CPU actor takes the cluster's CPUs (2 here) for its one actor, not Ray's one thread.
     assert breakdown["actor_threads"] == min(2, len(os.sched_getaffinity(0)))
     assert results["time_breakdown"]["ray_one_thread"][0]["actor_threads"] == 1
