@@ -26,7 +26,7 @@ from pipelines.user_console import set_user_stderr, user_stderr
 VERBOSE_ENV = "RAE_VERBOSE"
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Routing:
     log_path: Path
 
@@ -42,6 +42,11 @@ def verbose_requested(flag: bool) -> bool:
 def log_path() -> Path | None:
     """The file Ray's lines go to in this process, or None when they show on the console."""
     return _routing.log_path if _routing is not None else None
+
+
+def full_log_note() -> str:
+    """`` (full log: PATH)`` for a line that reports a failure while routed; empty otherwise."""
+    return f" (full log: {_routing.log_path})" if _routing is not None else ""
 
 
 def err() -> TextIO:

@@ -115,3 +115,28 @@ def test_verbose_routes_nothing(tmp_path, verbose):
     assert "Ray's log" not in done.stdout and "full log" not in done.stderr
     assert not (tmp_path / "rae-logs").exists()
     assert re.search(r"rae encode: error: .*missing", done.stderr)
+
+
+TRAIN_FAILS = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from ray.train import WorkerGroupError
+    from jobs import console
+    from jobs.cli.train import finish_run
+
+    def failing():
+        raise WorkerGroupError("rank 0 failed", {0: RuntimeError("peer gone")})
+
+    with console.routed_to_log(Path(sys.argv[1])):
+        code = finish_run("rae train dit", "dit", "/data/runs", failing)
+    sys.exit(code)
+""")
+
+
+def test_a_failed_training_run_says_why_on_the_terminal_and_names_the_full_log(tmp_path):
+    log = tmp_path / "run.log"
+    done = _run(["-c", TRAIN_FAILS, str(log)], tmp_path)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("rae train dit: error: run dit failed: worker 0: RuntimeError: peer gone; ")
+    assert line.endswith(f"(RAE_DEBUG=1 shows the traceback) (full log: {log})")
