@@ -67,7 +67,8 @@ def new_log_path(folder: Path, command: str) -> Path:
 @contextlib.contextmanager
 def routed_to_log(path: Path) -> Iterator[Path]:
     """Ray's lines to ``path`` for the duration (see the module's docstring); the streams are as
-    before afterwards. Announces the file on the console first."""
+    before afterwards, and a Ray this process joined meanwhile is shut down (or left) before they are.
+    Announces the file on the console first."""
     global _routing
     path.parent.mkdir(parents=True, exist_ok=True)
     say(f"Ray's log: {path} (--verbose shows it here)")
@@ -92,6 +93,7 @@ def routed_to_log(path: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
+        _disconnect_ray()
         _routing = None
         set_user_stderr(None)
         data_context.enable_progress_bars = previous_bars
@@ -111,6 +113,13 @@ def routed_to_log(path: Path) -> Iterator[Path]:
             os.close(fd)
         terminal_out.close()
         terminal_err.close()
+
+
+def _disconnect_ray() -> None:
+    """Ray's shutdown while its lines still go to the log (at exit it would write to the terminal)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 # Ray Data's progress bars redrawn into a file only bloat it (off here and, through the environment

@@ -106,10 +106,10 @@ def test_an_error_names_the_full_log(tmp_path):
     assert re.fullmatch(rf"rae encode: error: .*missing.* \(full log: {re.escape(str(log))}\)", error), error
 
 
-@pytest.mark.parametrize("verbose", [["--verbose"], []])
-def test_verbose_routes_nothing(tmp_path, verbose):
-    env = {} if verbose else {"RAE_VERBOSE": "1"}
-    done = _run(["-m", "jobs.cli", *verbose, "encode", "--shards", str(tmp_path / "missing"), "--store",
+@pytest.mark.parametrize("before, after, env", [(["--verbose"], [], {}), ([], ["--verbose"], {}),
+                                               ([], [], {"RAE_VERBOSE": "1"})])
+def test_verbose_routes_nothing(tmp_path, before, after, env):
+    done = _run(["-m", "jobs.cli", *before, "encode", *after, "--shards", str(tmp_path / "missing"), "--store",
                  str(tmp_path / "store"), "--device", "cpu"], tmp_path, **env)
     assert done.returncode == 2, done.stderr
     assert "Ray's log" not in done.stdout and "full log" not in done.stderr

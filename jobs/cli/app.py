@@ -67,7 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models_command(subparsers)
     for module_name in _COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    _accept_verbose_after_the_command(parser)
     return parser
+
+
+def _accept_verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """``rae demo --verbose`` as well as ``rae --verbose demo``: every subcommand takes the flag too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="show Ray's own lines on the console too (also: RAE_VERBOSE=1)")
+                _accept_verbose_after_the_command(command)
 
 
 class _OurLines(logging.Formatter):
