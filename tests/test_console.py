@@ -140,3 +140,31 @@ def test_a_failed_training_run_says_why_on_the_terminal_and_names_the_full_log(t
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("rae train dit: error: run dit failed: worker 0: RuntimeError: peer gone; ")
     assert line.endswith(f"(RAE_DEBUG=1 shows the traceback) (full log: {log})")
+
+
+def test_rank0_sends_its_lines_and_steps_to_the_drivers_queue_when_given_one(capsys):
+    from jobs.console import ProgressLine
+    from jobs.train import progress
+    from jobs.train.metrics_logger import MetricsLogger
+
+    class Sink(list):
+        put = list.append
+
+    sink = Sink()
+    logger = MetricsLogger(run_name="dit", rank=0, total_steps=4, steps_per_epoch=2, global_batch=8,
+                           log_every_steps=2)
+    progress.send_to(sink)
+    try:
+        logger.say("fresh start")
+        for step in range(1, 5):
+            logger.log(step, lr=1e-3, metrics={"loss": float(step)})
+    finally:
+        progress.send_to(None)
+    assert capsys.readouterr().out == ""
+    assert sink[0] == ProgressLine("[dit] fresh start")
+    bars = [(line.run, line.step, line.total) for line in sink[1:]]
+    assert bars == [("dit", 2, 4), ("dit", 4, 4)]
+    assert sink[-1].text.startswith("[dit] step 4/4 epoch 2.00 loss=3.5")
+    assert sink[-1].postfix.startswith("epoch 2.00 loss=3.5 lr=0.001") and " img/s eta " in sink[-1].postfix
+    logger.say("printed again")
+    assert capsys.readouterr().out == "[dit] printed again\n"
