@@ -39,11 +39,6 @@ def verbose_requested(flag: bool) -> bool:
     return flag or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def log_path() -> Path | None:
-    """The file Ray's lines go to in this process, or None when they show on the console."""
-    return _routing.log_path if _routing is not None else None
-
-
 def full_log_note() -> str:
     """`` (full log: PATH)`` for a line that reports a failure while routed; empty otherwise."""
     return f" (full log: {_routing.log_path})" if _routing is not None else ""
@@ -136,7 +131,7 @@ def _ray_data_context() -> Any:
 def _worker_lines_to_log():
     """Make the workers' forwarded lines (both streams) go to the log file rather than to
     ``sys.stdout`` (the terminal). Ray 2.60 picks ``ray._private.worker.print_to_stdstream`` when
-    it connects; without it (another Ray), worker lines stay in Ray's session logs."""
+    it connects; without it (another Ray), their stdout lines would show on the console."""
     try:
         from ray._private import worker as ray_worker
         original = ray_worker.print_to_stdstream
