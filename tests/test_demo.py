@@ -39,7 +39,9 @@ def run_rae_demo(workdir: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    return workdir, run_rae_demo(workdir)
+    done = run_rae_demo(workdir)
+    (workdir / "console.txt").write_text(done.stdout + done.stderr)  # what the user saw, to look at
+    return workdir, done
 
 
 @pytest.fixture(scope="module")
