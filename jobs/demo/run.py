@@ -159,6 +159,23 @@ def check_workdir_version(workdir: Path) -> None:
     stamp.write_text(json.dumps({"export_format": EXPORT_FORMAT}))
 
 
+def start_local_ray(num_cpus: int, attempts: int = 3) -> None:
+    """A local Ray of this process's own. Its raylet must register within Ray's fixed 30 s, which a
+    loaded machine can miss (seen at load 30 on 2 cores: "The current node timed out during
+    startup", the dashboard agent late); the start is tried again, up to ``attempts`` times."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+            return
+        except Exception as error:
+            if "timed out during startup" not in str(error) or attempt == attempts:
+                raise
+            print(f"[demo] Ray's start timed out (a loaded machine?); trying again ({attempt + 1}/{attempts})",
+                  flush=True)
+
+
 def run_demo(workdir: Path, config: DemoConfig) -> Path:
     """Run (or finish) the demo in ``workdir``; returns the path of the report's index.html."""
     import ray
@@ -178,8 +195,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     store = workdir / "store"
     runs = workdir / "runs"
     if not ray.is_initialized():  # a Ray of its own, even when another runs on this machine
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
-                 configure_logging=False)
+        start_local_ray(num_cpus=os.cpu_count() or 2)
 
     images = make_demo_images(workdir / "images", classes=config.classes,
                               train_per_class=config.train_per_class, val_per_class=config.val_per_class,
