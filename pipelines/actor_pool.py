@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pipelines.cluster_capacity import ClusterCapacity, autoscaler_launch_failures, cluster_capacity, parse_count_range
 from pipelines.streaming import streamed_batches
+from pipelines.user_console import user_stderr
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def run_through_pool(rows: list[dict[str, Any]], pool: ActorPool,
     previous_wait = context.wait_for_min_actors_s
     if pool.use_gpu:
         context.wait_for_min_actors_s = max(1, int(gpu_wait_s))
-    bar = tqdm(total=len(rows), unit=unit, desc=verb, disable=not progress)
+    bar = tqdm(total=len(rows), unit=unit, desc=verb, disable=not progress, file=user_stderr())
     try:
         dataset = stages(ray.data.from_items(rows, override_num_blocks=len(rows)))
         with streamed_batches(dataset, batch_size=1, batch_format="numpy", prefetch_batches=0) as batches:

@@ -7,26 +7,68 @@ import http.server
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from jobs.demo.run import DemoConfig, check_workdir_version, run_demo
+from jobs.demo.run import QUICK_DEMO, check_workdir_version
 from jobs.demo.photos import PHOTOS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-TINY = DemoConfig(classes=3, train_per_class=16, val_per_class=2, decoder_width=64, decoder_depth=1,
-                  decoder_epochs=3, decoder_batch=16, disc_start_epoch=1.0, gan_start_epoch=2.0,
-                  dit_epochs=6, dit_batch=16, samples_per_class=2, sample_steps=8)
+TINY = QUICK_DEMO
+# The console of `rae demo --quick`: the log file's line, a header and a time per stage, the encoder
+# pool's line, one bar per long stage, the report's and the summary's lines. Measured: 23 lines up to the
+# sample stage (Ray's lines on the console, as before: over 405 by the end of the decoder stage).
+MOST_CONSOLE_LINES = 40
+
+
+def run_rae_demo(workdir: Path) -> subprocess.CompletedProcess:
+    """`rae demo --quick --workdir WORKDIR`, as a user runs it (a process and a Ray of its own)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RAE_VERBOSE", "RAE_DEBUG")}
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--quick", "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=840, env=env)
+    assert done.returncode == 0, f"rae demo failed:\n{done.stdout}\n{done.stderr}"
+    return done
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, ray_cluster):
+def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    return workdir, run_demo(workdir, TINY)
+    done = run_rae_demo(workdir)
+    (workdir / "console.txt").write_text(done.stdout + done.stderr)  # what the user saw, to look at
+    return workdir, done
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    workdir, done = demo_run
+    opened = re.findall(r"^\[demo\] open (.+)$", done.stdout, flags=re.MULTILINE)
+    assert len(opened) == 1, done.stdout
+    return workdir, Path(opened[0])
+
+
+def test_the_console_is_short_and_rays_lines_are_in_the_log_it_names(demo_run):
+    workdir, done = demo_run
+    console = done.stdout + done.stderr
+    lines = console.count("\n")
+    assert lines <= MOST_CONSOLE_LINES, console
+    first = done.stdout.splitlines()[0]
+    log = Path(re.fullmatch(r"Ray's log: (\S+) \(--verbose shows it here\)", first).group(1))
+    assert log.parent == workdir.resolve() / "logs"
+    held = log.read_text()
+    for ray_line in ("execution finished", "(RayTrainWorker"):  # Ray Data's on the driver, a worker's
+        assert ray_line in held
+        assert ray_line not in console
+    for stage in ("encode", "train_decoder", "train_dit", "sample"):
+        assert f"[demo] {stage} ..." in console
+    for bar in ("encode", "decoder", "dit", "sample"):  # the long stages' live bars (tqdm: rate, ETA)
+        assert re.search(rf"(^|\r){bar}: .*\|.*<", console, flags=re.MULTILINE), (bar, console)
 
 
 def test_report_has_every_artifact(demo):
@@ -65,8 +107,8 @@ def test_metrics_are_finite_and_sensible(demo):
 
 
 def test_rerun_reuses_every_stage(demo):
-    workdir, _ = demo
-    index = run_demo(workdir, TINY)
+    workdir, index = demo
+    run_rae_demo(workdir)
     metrics = json.loads((index.parent / "metrics.json").read_text())
     assert metrics["stages_reused"] == sorted(["shards", "encode", "train_decoder", "train_dit", "sample"])
     assert metrics["timings_s"]["train_dit"] > 0  # a reused stage reports the time it took when it ran

@@ -3,6 +3,9 @@
 Every subcommand is ``rae <command> [<subcommand>] [flags]`` and returns a process exit code. Errors
 that are the user's (a missing file, a store made with another encoder, a bad flag) are printed as one
 line naming the input at fault, without a traceback; ``RAE_DEBUG=1`` shows the traceback too.
+
+The commands that start Ray print their own lines only; Ray's go to a log file named in their first
+line and in any error line (:mod:`jobs.console`); ``--verbose`` or ``RAE_VERBOSE=1`` shows them all.
 """
 from __future__ import annotations
 
@@ -12,12 +15,18 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
+from urllib.parse import urlparse
 
 # Modules that add subcommands, in the order they appear in `rae --help`.
 _COMMAND_MODULES: tuple[str, ...] = ("jobs.demo.run", "jobs.cli.data", "jobs.cli.train", "jobs.cli.sample",
                                     "jobs.cli.evaluate", "jobs.cli.models_io", "jobs.cli.submit", "jobs.cli.cluster")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+# The commands that start (or join) a Ray instance, whose lines go to a log file unless --verbose.
+_RAY_COMMANDS = ("demo", "train", "encode", "sample", "eval")
+LOCAL_LOGS = "rae-logs"  # where a Ray command's log goes when its output has no local folder
 
 
 def _add_models_command(subparsers: argparse._SubParsersAction) -> None:
@@ -51,11 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "shards -> encode -> latent store -> train decoder / train dit -> sample -> eval. "
                     "Start with `rae demo`; see `rae <command> --help` for each step.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own lines (workers, Ray Data, Ray Train) on the console too, rather "
+                             "than only in the log file named in the first line (also: RAE_VERBOSE=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     _add_models_command(subparsers)
     for module_name in _COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    _accept_verbose_after_the_command(parser)
     return parser
+
+
+def _accept_verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """``rae demo --verbose`` as well as ``rae --verbose demo``: every subcommand takes the flag too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="show Ray's own lines on the console too (also: RAE_VERBOSE=1)")
+                _accept_verbose_after_the_command(command)
 
 
 class _OurLines(logging.Formatter):
@@ -66,10 +89,20 @@ class _OurLines(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to the user's stderr as it is at each line (the terminal while Ray's lines go to a file)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from jobs.console import err
+
+        self.setStream(err())
+        super().emit(record)
+
+
 def show_our_log_lines() -> None:
     """The project's own log lines (decisions such as "encoder pool: 1..8 actors, 1 GPU each") on
     stderr at INFO; other libraries' loggers keep their own settings."""
-    handler = logging.StreamHandler()
+    handler = _ConsoleHandler()
     handler.setFormatter(_OurLines("%(message)s"))
     for name in ("jobs", "pipelines", "rae"):
         logger = logging.getLogger(name)
@@ -95,6 +128,31 @@ def _user_message(error: Exception, args: argparse.Namespace, user_errors: tuple
     return fault
 
 
+def log_folder(args: argparse.Namespace) -> Path:
+    """Where a Ray command's log goes: where the command says (``log_folder`` in its defaults: the
+    demo's ``<workdir>/logs``); a training run's ``<storage>/<run>/logs`` when its storage is local;
+    else ``./rae-logs``."""
+    if getattr(args, "log_folder", None) is not None:
+        return args.log_folder(args)
+    storage, run = getattr(args, "storage", None), getattr(args, "run", None)
+    if args.command == "train" and storage and run and urlparse(storage).scheme in ("", "file"):
+        return Path(urlparse(storage).path if storage.startswith("file:") else storage).resolve() / run / "logs"
+    return Path(LOCAL_LOGS).resolve()
+
+
+def _log_routing(args: argparse.Namespace):
+    """Ray's lines to a log file for a Ray command, unless verbose or the caller replaced the
+    process's stdout (a test's capture, an embedding program: its streams are left alone)."""
+    import contextlib
+
+    from jobs import console
+
+    if (args.command not in _RAY_COMMANDS or console.verbose_requested(args.verbose)
+            or sys.stdout is not sys.__stdout__):
+        return contextlib.nullcontext()
+    return console.routed_to_log(console.new_log_path(log_folder(args), args.command))
+
+
 def main(argv: list[str] | None = None) -> int:
     from rae.encoders import WeightsUnavailableError
 
@@ -102,16 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     show_our_log_lines()
+    full_log = ""
     try:
-        return int(args.func(args) or 0)
+        with _log_routing(args) as log_path:
+            full_log = f" (full log: {log_path})" if log_path else ""
+            return int(args.func(args) or 0)
     except Exception as error:
         message = _user_message(error, args, user_errors)
         if message is None or os.environ.get("RAE_DEBUG"):
+            if full_log:
+                print(f"rae {args.command}: failed{full_log}", file=sys.stderr)
             raise
-        print(f"rae {args.command}: error: {message}", file=sys.stderr)
+        print(f"rae {args.command}: error: {message}{full_log}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"rae {args.command}: interrupted; rerun the same command to resume{full_log}", file=sys.stderr)
         return 130
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +80,7 @@ def finish_run(command: str, run_name: str, storage: str, train: Callable[[], An
     the run failed and where the workers' logs are (``RAE_DEBUG=1``: the traceback instead)."""
     from ray.train import TrainingFailedError
 
+    from jobs.console import err, full_log_note
     from jobs.train.export import export_url
     from jobs.train.launch import describe_failure, worker_logs_location
 
@@ -90,8 +90,8 @@ def finish_run(command: str, run_name: str, storage: str, train: Callable[[], An
         if os.environ.get("RAE_DEBUG"):
             raise
         print(f"{command}: error: run {run_name} failed: {describe_failure(error)}; the workers' logs are in "
-              f"{worker_logs_location()} (RAE_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+              f"{worker_logs_location()} (RAE_DEBUG=1 shows the traceback){full_log_note()}",
+              file=err())
         return 1
     step = (result.metrics or {}).get("step")
     at = f" at step {step}" if step is not None else ""

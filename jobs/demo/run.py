@@ -62,6 +62,14 @@ class DemoConfig:
     seed: int = 0
 
 
+# `rae demo --quick`: the whole chain at sizes that finish in about 3 minutes on 2 cores, for the tests
+# and a first look (its pictures show the chain runs, not what the method can do).
+QUICK_DEMO = dataclasses.replace(
+    DemoConfig(), classes=3, train_per_class=16, val_per_class=2, encoder_input_size=56, decoder_width=64,
+    decoder_depth=1, decoder_epochs=3, decoder_batch=16, disc_start_epoch=1.0, gan_start_epoch=2.0,
+    dit_model="ditdh-tiny", dit_epochs=6, dit_batch=16, samples_per_class=2, sample_steps=8)
+
+
 DEMO_FLAGS = (
     Flag("encoder_weights", "encoder weights file (with --set encoder=NAME for another preset)"),
 )
@@ -151,6 +159,23 @@ def check_workdir_version(workdir: Path) -> None:
     stamp.write_text(json.dumps({"export_format": EXPORT_FORMAT}))
 
 
+def start_local_ray(num_cpus: int, attempts: int = 3) -> None:
+    """A local Ray of this process's own. Its raylet must register within Ray's fixed 30 s, which a
+    loaded machine can miss (seen at load 30 on 2 cores: "The current node timed out during
+    startup", the dashboard agent late); the start is tried again, up to ``attempts`` times."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+            return
+        except Exception as error:
+            if "timed out during startup" not in str(error) or attempt == attempts:
+                raise
+            print(f"[demo] Ray's start timed out (a loaded machine?); trying again ({attempt + 1}/{attempts})",
+                  flush=True)
+
+
 def run_demo(workdir: Path, config: DemoConfig) -> Path:
     """Run (or finish) the demo in ``workdir``; returns the path of the report's index.html."""
     import ray
@@ -170,8 +195,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     store = workdir / "store"
     runs = workdir / "runs"
     if not ray.is_initialized():  # a Ray of its own, even when another runs on this machine
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
-                 configure_logging=False)
+        start_local_ray(num_cpus=os.cpu_count() or 2)
 
     images = make_demo_images(workdir / "images", classes=config.classes,
                               train_per_class=config.train_per_class, val_per_class=config.val_per_class,
@@ -245,12 +269,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run shards -> encode -> decoder -> DiT^DH -> samples -> report on a local Ray instance, "
                     "with real photographs that ship with scikit-image and the offline DINOv2-S encoder. "
                     "Rerun in the same --workdir to reuse finished stages. Its sizes: jobs.demo.run.DemoConfig.")
-    parser.add_argument("--workdir", default="rae-demo", help="where everything goes (default: ./rae-demo)")
+    parser.add_argument("--workdir", help="where everything goes (default: ./rae-demo, or ./rae-demo-quick "
+                                           "with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (jobs.demo.run.QUICK_DEMO): about 3 minutes on 2 cores, for a first look")
     add_config_arguments(parser, DemoConfig, DEMO_FLAGS, paths=("encoder_weights",))
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=_run, log_folder=lambda args: workdir_of(args) / "logs")
+
+
+def workdir_of(args: argparse.Namespace) -> Path:
+    """The demo's work directory, absolute: --workdir, else one per size (a quick run's stages are
+    never reused by a full one)."""
+    return Path(args.workdir or ("rae-demo-quick" if args.quick else "rae-demo")).resolve()
 
 
 def _run(args: argparse.Namespace) -> int:
-    index = run_demo(Path(args.workdir), absolute_paths(config_from_args(args), args))
-    print(f"[demo] open {index}")
+    if args.quick:
+        args.config_base = QUICK_DEMO
+    index = run_demo(workdir_of(args), absolute_paths(config_from_args(args), args))
+    print(f"[demo] open {index}", flush=True)
     return 0

@@ -237,14 +237,17 @@ def train_task(task: Any, loop: Any, *, rows: int, run_config: dict[str, Any], r
                dataset: Any, **launch_options: Any):
     """Train ``task`` (a :class:`jobs.train.loop.Task`, built on the driver and set up on each worker)
     with ``loop`` on ``dataset``; at the end rank 0 writes the export to ``<storage>/<run_name>/export``.
-    Both ``rae train decoder`` and ``rae train dit`` come through here; returns Ray's ``Result``."""
+    Both ``rae train decoder`` and ``rae train dit`` come through here; returns Ray's ``Result``.
+    While the console is quiet (:mod:`jobs.console`), rank 0's progress comes back through a queue."""
+    from jobs.console import worker_progress
     from jobs.train.export import export_url
 
     loop = with_wandb_dir(loop, storage, run_name)
-    payload = {"task": task, "loop": loop, "rows": rows, "run_config": run_config, "run_name": run_name,
-               "export_url": export_url(absolute_storage(storage), run_name)}
-    return launch(_fit_task, payload, run_name=run_name, storage=storage, datasets={"train": dataset},
-                  keep_checkpoints=loop.keep_checkpoints, **launch_options)
+    with worker_progress() as progress_sink:
+        payload = {"task": task, "loop": loop, "rows": rows, "run_config": run_config, "run_name": run_name,
+                   "export_url": export_url(absolute_storage(storage), run_name), "progress_sink": progress_sink}
+        return launch(_fit_task, payload, run_name=run_name, storage=storage, datasets={"train": dataset},
+                      keep_checkpoints=loop.keep_checkpoints, **launch_options)
 
 
 def with_wandb_dir(loop: Any, storage: str, run_name: str) -> Any:
@@ -292,7 +295,9 @@ def _fit_task(payload: dict[str, Any]) -> None:
     import ray.train
 
     from jobs.train.loop import fit, ray_shard_batches
+    from jobs.train.progress import send_to
 
+    send_to(payload.get("progress_sink"))
     task, loop = payload["task"], payload["loop"]
     rank = ray.train.get_context().get_world_rank()
     fit(task, loop, run_name=payload["run_name"], rows=payload["rows"],

@@ -64,7 +64,10 @@ class MetricsLogger:
         logged = window_means(self._log_window)
         self._log_window = {}
         self.history.append(dict(logged, step=step, lr=lr))
-        self.say(self._progress.line(step, step / self.steps_per_epoch, dict(logged, lr=lr)))
+        if self.rank == 0:
+            shown, epoch = dict(logged, lr=lr), step / self.steps_per_epoch
+            say(f"[{self.run_name}] {self._progress.line(step, epoch, shown)}", run=self.run_name, step=step,
+                total=self.total_steps, postfix=f"epoch {epoch:.2f} {self._progress.postfix(step, shown)}")
         self._wandb.log(dict(logged, lr=lr, skipped_steps=self.skipped_steps), step=step)
 
     def report(self, step: int, lr: float) -> dict[str, float]:

@@ -5,11 +5,28 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+_sink: Any = None  # the driver's progress queue when its console is quiet (jobs.console.worker_progress)
 
 
-def say(message: str) -> None:
-    """One line to the worker's stdout, which Ray forwards to the driver once. (Ray Train V2 patches
-    ``print`` inside workers to go through its logger as well, which showed every line twice.)"""
+def send_to(sink: Any) -> None:
+    """Send this process's progress lines to ``sink`` (a Ray queue) instead of stdout; None: stdout."""
+    global _sink
+    _sink = sink
+
+
+def say(message: str, *, run: str | None = None, step: int | None = None, total: int | None = None,
+        postfix: str = "") -> None:
+    """One line for the user: to the driver's progress queue when it gave one (``run``, ``step``,
+    ``total`` and ``postfix`` draw that run's bar there instead of the line), else to the worker's stdout, which Ray forwards to the driver once.
+    (Ray Train V2 patches ``print`` inside workers to go through its logger as well, which showed
+    every line twice.)"""
+    if _sink is not None:
+        from jobs.console import ProgressLine
+
+        _sink.put(ProgressLine(message, run, step, total, postfix))
+        return
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
 
@@ -35,6 +52,10 @@ class Progress:
         self._t0 = self.clock()
 
     def line(self, step: int, epoch: float, metrics: dict[str, float]) -> str:
+        return f"step {step}/{self.total_steps} epoch {epoch:.2f} {self.postfix(step, metrics)}"
+
+    def postfix(self, step: int, metrics: dict[str, float]) -> str:
+        """The metrics, throughput and ETA: the line after its step, or beside a progress bar."""
         elapsed = max(self.clock() - self._t0, 1e-9)
         done = step - self.start_step
         steps_per_s = done / elapsed
@@ -42,5 +63,4 @@ class Progress:
         eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         eta_text = format_duration(eta) if eta != float("inf") else "?"
-        return (f"step {step}/{self.total_steps} epoch {epoch:.2f} {shown} "
-                f"{images_per_s:.1f} img/s eta {eta_text}")
+        return f"{shown} {images_per_s:.1f} img/s eta {eta_text}"

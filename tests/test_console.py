@@ -1,0 +1,168 @@
+"""The console of the commands that start Ray: their own lines on the terminal, Ray's in a log file the
+first line names; an error names that file; --verbose and RAE_VERBOSE=1 route nothing. Each case runs
+in a process of its own, as a user's command does (routing moves the process's file descriptors)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if key not in ("RAE_VERBOSE", "RAE_DEBUG")}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env=dict(environment, PYTHONPATH=str(Path(__file__).parents[1]), **env))
+
+
+def _named_log(stdout: str) -> Path:
+    match = re.fullmatch(r"Ray's log: (\S+) \(--verbose shows it here\)", stdout.splitlines()[0])
+    assert match, stdout
+    return Path(match.group(1))
+
+
+ROUTED = textwrap.dedent("""
+    import logging, os, sys
+    from pathlib import Path
+    from jobs import console
+    from jobs.cli.app import show_our_log_lines
+
+    show_our_log_lines()
+    with console.routed_to_log(Path(sys.argv[1])):
+        print("our summary line")
+        os.write(1, b"a C++ line on fd 1\\n")
+        os.write(2, b"a C++ line on fd 2\\n")
+        sys.stderr.write("a Python line on sys.stderr\\n")
+        logging.getLogger("ray.data").warning("a ray logger's line")
+        logging.getLogger("pipelines.encode").info("our log line")
+    print("after: stdout as before")
+    os.write(2, b"after: fd 2 as before\\n")
+""")
+
+
+def test_routed_lines_go_to_the_log_and_ours_to_the_terminal(tmp_path):
+    log = tmp_path / "logs" / "run.log"
+    done = _run(["-c", ROUTED, str(log)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"Ray's log: {log} (--verbose shows it here)", "our summary line",
+                                        "after: stdout as before"]
+    assert done.stderr.splitlines() == ["our log line", "after: fd 2 as before"]
+    held = log.read_text()
+    for line in ("a C++ line on fd 1", "a C++ line on fd 2", "a Python line on sys.stderr", "a ray logger's line"):
+        assert line in held
+    assert "our summary line" not in held and "after" not in held
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import ray
+    from jobs import console
+    from jobs.demo.run import start_local_ray
+    from jobs.train import progress
+
+    @ray.remote(num_cpus=0)
+    def rank0(sink):
+        print("a worker's own print")
+        progress.send_to(sink)
+        progress.say("[run] a line of ours")
+        for step in (1, 2):
+            progress.say(f"[run] step {step}/2", run="run", step=step, total=2, postfix=f"loss={step}")
+        return True
+
+    with console.routed_to_log(Path(sys.argv[1])):
+        start_local_ray(num_cpus=1)
+        with console.worker_progress() as sink:
+            assert ray.get(rank0.remote(sink))
+        ray.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_a_workers_lines_go_to_the_log_and_rank0_progress_to_the_terminal(tmp_path):
+    log = tmp_path / "run.log"
+    done = _run(["-c", WORKER, str(log)], tmp_path, RAY_DEDUP_LOGS="0")
+    assert done.returncode == 0, done.stderr + log.read_text()
+    assert "[run] a line of ours" in done.stderr
+    assert re.search(r"(^|\r)run: 100%\|.*\| 2/2 .*loss=2", done.stderr, flags=re.MULTILINE), done.stderr
+    assert "a worker's own print" not in done.stdout + done.stderr
+    assert "a worker's own print" in log.read_text()  # forwarded by Ray, kept in the file
+
+
+def test_an_error_names_the_full_log(tmp_path):
+    done = _run(["-m", "jobs.cli", "encode", "--shards", str(tmp_path / "missing"), "--store",
+                 str(tmp_path / "store"), "--device", "cpu"], tmp_path)
+    assert done.returncode == 2, done.stderr
+    log = _named_log(done.stdout)
+    assert log.parent == tmp_path / "rae-logs" and log.name.startswith("rae-encode-")
+    assert log.exists()
+    error = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"rae encode: error: .*missing.* \(full log: {re.escape(str(log))}\)", error), error
+
+
+@pytest.mark.parametrize("before, after, env", [(["--verbose"], [], {}), ([], ["--verbose"], {}),
+                                               ([], [], {"RAE_VERBOSE": "1"})])
+def test_verbose_routes_nothing(tmp_path, before, after, env):
+    done = _run(["-m", "jobs.cli", *before, "encode", *after, "--shards", str(tmp_path / "missing"), "--store",
+                 str(tmp_path / "store"), "--device", "cpu"], tmp_path, **env)
+    assert done.returncode == 2, done.stderr
+    assert "Ray's log" not in done.stdout and "full log" not in done.stderr
+    assert not (tmp_path / "rae-logs").exists()
+    assert re.search(r"rae encode: error: .*missing", done.stderr)
+
+
+TRAIN_FAILS = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from ray.train import WorkerGroupError
+    from jobs import console
+    from jobs.cli.train import finish_run
+
+    def failing():
+        raise WorkerGroupError("rank 0 failed", {0: RuntimeError("peer gone")})
+
+    with console.routed_to_log(Path(sys.argv[1])):
+        code = finish_run("rae train dit", "dit", "/data/runs", failing)
+    sys.exit(code)
+""")
+
+
+def test_a_failed_training_run_says_why_on_the_terminal_and_names_the_full_log(tmp_path):
+    log = tmp_path / "run.log"
+    done = _run(["-c", TRAIN_FAILS, str(log)], tmp_path)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("rae train dit: error: run dit failed: worker 0: RuntimeError: peer gone; ")
+    assert line.endswith(f"(RAE_DEBUG=1 shows the traceback) (full log: {log})")
+
+
+def test_rank0_sends_its_lines_and_steps_to_the_drivers_queue_when_given_one(capsys):
+    from jobs.console import ProgressLine
+    from jobs.train import progress
+    from jobs.train.metrics_logger import MetricsLogger
+
+    class Sink(list):
+        put = list.append
+
+    sink = Sink()
+    logger = MetricsLogger(run_name="dit", rank=0, total_steps=4, steps_per_epoch=2, global_batch=8,
+                           log_every_steps=2)
+    progress.send_to(sink)
+    try:
+        logger.say("fresh start")
+        for step in range(1, 5):
+            logger.log(step, lr=1e-3, metrics={"loss": float(step)})
+    finally:
+        progress.send_to(None)
+    assert capsys.readouterr().out == ""
+    assert sink[0] == ProgressLine("[dit] fresh start")
+    bars = [(line.run, line.step, line.total) for line in sink[1:]]
+    assert bars == [("dit", 2, 4), ("dit", 4, 4)]
+    assert sink[-1].text.startswith("[dit] step 4/4 epoch 2.00 loss=3.5")
+    assert sink[-1].postfix.startswith("epoch 2.00 loss=3.5 lr=0.001") and " img/s eta " in sink[-1].postfix
+    logger.say("printed again")
+    assert capsys.readouterr().out == "[dit] printed again\n"
