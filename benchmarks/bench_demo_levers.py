@@ -26,7 +26,8 @@ from typing import Any
 from benchmarks.common import RESULTS_DIR, Recorder, parse_args, start_ray
 
 STAGES = ("shards", "encode", "train_decoder", "train_dit", "sample")
-RUN_OF_STAGE = {"train_decoder": "decoder", "train_dit": "dit"}
+OUTPUTS_OF_STAGE = {"shards": ("shards",), "encode": ("store",), "train_decoder": ("runs/decoder",),
+                    "train_dit": ("runs/dit",), "sample": ("samples", "samples-unguided")}
 GRID8 = {"encoder_input_size": 112, "crop_size": 128}
 NO_GAN = {"disc_start_epoch": 99.0, "gan_start_epoch": 99.0}
 
@@ -66,10 +67,12 @@ def prepare_workdir(root: Path, name: str, variant: Variant) -> Path:
         raise FileNotFoundError(f"variant {name} reuses {variant.reuse}, which has not run in {root}: run "
                                 f"--variant {variant.reuse} first")
     shutil.copytree(base, workdir, symlinks=True)
+    for marker in (workdir / "stages").glob("*.json"):  # the reused stages' outputs: the copy's own
+        marker.write_text(marker.read_text().replace(str(base), str(workdir.resolve())))
     for stage in STAGES[STAGES.index(variant.rerun_from):] if variant.rerun_from in STAGES else ():
         (workdir / "stages" / f"{stage}.json").unlink(missing_ok=True)
-        if stage in RUN_OF_STAGE:
-            shutil.rmtree(workdir / "runs" / RUN_OF_STAGE[stage], ignore_errors=True)
+        for output in OUTPUTS_OF_STAGE[stage]:
+            shutil.rmtree(workdir / output, ignore_errors=True)
     shutil.rmtree(workdir / "report", ignore_errors=True)
     return workdir
 

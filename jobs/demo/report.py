@@ -129,7 +129,8 @@ def build_report(workdir: Path, config, *, images_classes: list[str], shards: di
     mean_image = np.broadcast_to(train_images.mean(axis=0).round().astype(np.uint8), val_images.shape)
     baseline_psnr = psnr(val_images, mean_image)
     pick = [int(np.flatnonzero(val_labels == c)[0]) for c in range(classes) if (val_labels == c).any()]
-    pairs = image_grid([val_images[pick], recon[pick]], ["held-out originals", "reconstructions"], scale=2)
+    zoom = 2 if size < 128 else 1  # small images shown larger, pixel for pixel
+    pairs = image_grid([val_images[pick], recon[pick]], ["held-out originals", "reconstructions"], scale=zoom)
     pairs.save(folder / "reconstructions.png")
 
     # Samples: guided and, beside them, unguided from the same noise.
@@ -145,7 +146,7 @@ def build_report(workdir: Path, config, *, images_classes: list[str], shards: di
                    lambda c: guided[labels == c]))
     rows = [np.concatenate([pick_images(c) for _, pick_images in groups]) for c in range(classes)]
     starts = np.cumsum([0, 1] + [per_class] * (len(groups) - 1))[:len(groups)]
-    image_grid(rows, [f"{c}: {name}" for c, name in enumerate(images_classes)], scale=2,
+    image_grid(rows, [f"{c}: {name}" for c, name in enumerate(images_classes)], scale=zoom,
                column_labels=[(int(start), title) for start, (title, _) in zip(starts, groups)]).save(
         folder / "samples.png")
 
