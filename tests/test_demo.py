@@ -176,3 +176,90 @@ def test_a_workdir_of_an_older_rae_is_refused_at_once_and_a_fresh_one_stamped(tm
     (old / "stages" / "encode.json").write_text(json.dumps({"seconds": 1.0, "result": None}))
     with pytest.raises(ValueError, match=r"older rae \(export format before 3.*Remove it, or pass another --workdir"):
         check_workdir_version(old)
+
+
+def _page_text(index) -> str:
+    """The report's visible words, tags dropped and entities read."""
+    import html
+    import re
+
+    return html.unescape(re.sub(r"<[^>]+>", " ", index.read_text()))
+
+
+def test_report_states_each_number_beside_its_baseline_and_target(demo):
+    _, index = demo
+    metrics = json.loads((index.parent / "metrics.json").read_text())
+    recon, samples = metrics["reconstruction"], metrics["samples"]
+    text = _page_text(index)
+    assert f"the mean training image: {recon['mean_image_baseline_psnr_db']:.1f} dB" in text
+    assert (f"chance {samples['class_consistency_chance']:.3f}; real held-out crops "
+            f"{samples['class_consistency_real_heldout']:.3f}") in text
+    assert f"held-out real crops: {samples['fd_encoder_heldout_vs_train']:.1f}" in text
+    for target in (">= 20 dB", ">= 0.5", "<= 4x held-out"):
+        assert target in text
+    assert samples["fd_ratio_to_heldout"] == pytest.approx(
+        samples["fd_encoder_samples_vs_train"] / samples["fd_encoder_heldout_vs_train"])
+    assert metrics["targets_met"] == {
+        "reconstruction_psnr_at_least_20_db": recon["psnr_db"] >= 20.0,
+        "class_consistency_at_least_0.5": samples["class_consistency"] >= 0.5,
+        "fd_at_most_4x_heldout": samples["fd_ratio_to_heldout"] <= 4.0}
+    assert "Top row: one held-out crop per class, never seen in training" in text  # what the picture is
+
+
+def test_report_shows_guided_samples_beside_unguided_ones_from_the_same_noise(demo):
+    import numpy as np
+    from PIL import Image
+
+    workdir, index = demo
+    metrics = json.loads((index.parent / "metrics.json").read_text())
+    guided, unguided = metrics["samples"], metrics["samples_unguided"]
+    cfg_scale = float(guided["sampler"].rsplit("cfg ", 1)[1])
+    assert cfg_scale != 1.0  # the demo guides by default, so the report can show what guidance does
+    assert unguided["sampler"].endswith("no guidance") and unguided["count"] == guided["count"]
+    assert 0.0 <= unguided["class_consistency"] <= 1.0 and math.isfinite(unguided["fd_encoder_samples_vs_train"])
+    # The same noise (seed and labels), with and without guidance. (At these toy sizes the pictures
+    # themselves may not differ: the DiT has barely learnt to use its class label.)
+    settings = {folder: json.loads((workdir / folder / "sampling.json").read_text())["settings"]
+                for folder in ("samples", "samples-unguided")}
+    assert settings["samples"]["cfg_scale"] == cfg_scale and settings["samples-unguided"]["cfg_scale"] == 1.0
+    assert settings["samples"]["seed"] == settings["samples-unguided"]["seed"]
+    with np.load(workdir / "samples" / "samples.npz") as a, np.load(workdir / "samples-unguided" / "samples.npz") as b:
+        assert a["arr_0"].shape == b["arr_0"].shape and np.array_equal(a["arr_1"], b["arr_1"])  # labels
+    # One row per class: a real crop, then the unguided samples, then the guided ones.
+    classes = len(metrics["classes"])
+    grid = Image.open(index.parent / "samples.png")
+    side = metrics["latent_spec"]["image_size"]
+    assert grid.height >= classes * side
+    assert grid.width >= (1 + 2 * guided["count"] // classes) * side
+    text = _page_text(index)
+    assert f"classifier-free guidance at scale {cfg_scale:g}" in text and "without guidance" in text
+
+
+def test_report_keeps_stage_timings_and_says_how_the_full_size_method_differs(demo):
+    _, index = demo
+    text = _page_text(index)
+    assert "Where the time went" in text
+    for stage in ("shards", "encode", "train_decoder", "train_dit", "sample", "total"):
+        assert f" {stage} " in text, stage
+    assert "How the full-size method differs" in text
+    for fact in ("ImageNet-1k", "DINOv2-B with 4 registers", "16x16 = 256 tokens of 768", "FID 1.51 unguided",
+                 "1.13 guided"):
+        assert fact in text, fact
+
+
+def test_levers_benchmark_quick_resamples_a_finished_demo(demo, tmp_path):
+    """benchmarks/bench_demo_levers.py --quick: its cheapest lever (guidance) on the demo's models."""
+    from benchmarks import bench_demo_levers
+
+    workdir, _ = demo
+    out = tmp_path / "demo_levers.json"
+    bench_demo_levers.main(["--quick", "--base", str(workdir), "--root", str(tmp_path / "levers"), "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["quick"] is True and len(record["loadavg_start"]) == 3 and len(record["loadavg_end"]) == 3
+    base, cfg2 = record["results"]["quick-base"], record["results"]["quick-cfg2"]
+    assert base["stage_seconds"]["train_dit"] == cfg2["stage_seconds"]["train_dit"] > 0  # reused, not rerun
+    assert base["psnr_db"] == cfg2["psnr_db"]  # the same decoder
+    assert cfg2["overrides"] == {"cfg_scale": 2.0}
+    for row in (base, cfg2):
+        assert 0.0 <= row["class_consistency"] <= 1.0 and row["fd_ratio"] >= 0.0
+    assert (workdir / "stages" / "sample.json").exists()  # the base workdir is left as it was

@@ -16,17 +16,22 @@ from PIL import Image, ImageDraw
 
 
 def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, scale: int = 2,
-               gap: int = 2, label_width: int = 150) -> Image.Image:
-    """Rows of images (each (n, H, W, 3) uint8) into one picture, optionally labelled on the left."""
+               gap: int = 2, label_width: int = 150,
+               column_labels: list[tuple[int, str]] | None = None) -> Image.Image:
+    """Rows of images (each (n, H, W, 3) uint8) into one picture, optionally labelled on the left and,
+    above, at given columns (``(column index, text)``: a heading over the group that starts there)."""
     height, width = rows[0].shape[1:3]
     columns = max(len(r) for r in rows)
     cell_h, cell_w = height * scale, width * scale
     left = label_width if row_labels else 0
-    canvas = Image.new("RGB", (left + columns * (cell_w + gap) + gap, len(rows) * (cell_h + gap) + gap),
+    top = 18 if column_labels else 0
+    canvas = Image.new("RGB", (left + columns * (cell_w + gap) + gap, top + len(rows) * (cell_h + gap) + gap),
                        (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    for column, text in column_labels or []:
+        draw.text((left + gap + column * (cell_w + gap), 3), text, fill=(0, 0, 0))
     for r, row in enumerate(rows):
-        y = gap + r * (cell_h + gap)
+        y = top + gap + r * (cell_h + gap)
         if row_labels:
             draw.text((6, y + cell_h // 2 - 6), row_labels[r], fill=(0, 0, 0))
         for c, image in enumerate(row):
@@ -61,14 +66,32 @@ def loss_curves(histories: dict[str, list[dict]], path: Path, keys: tuple[str, .
     return path
 
 
+@dataclass(frozen=True)
+class Table:
+    """A small table: a header row, then rows of cells (numbers are shown to 4 significant digits)."""
+
+    header: tuple[str, ...]
+    rows: list[tuple]
+
+
 @dataclass
-class Report:
-    """What the index shows, in order: figures with captions, then metrics and notes."""
+class Section:
+    """One heading of the page: paragraphs in plain words, then figures (file name, caption), then a table."""
 
     title: str
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    paragraphs: list[str] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)
+    table: Table | None = None
+
+
+@dataclass
+class Report:
+    """What the index shows, in order: an introduction, the sections, then every metric of metrics.json."""
+
+    title: str
+    intro: list[str] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
     def write(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -76,21 +99,34 @@ class Report:
         parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
                  "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
                  "img{max-width:100%;border:1px solid #ddd}figure{margin:1.5em 0}"
-                 "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-                 "</style></head><body>", f"<h1>{html.escape(self.title)}</h1>"]
-        for note in self.notes:
-            parts.append(f"<p>{html.escape(note)}</p>")
-        for name, caption in self.figures:
-            parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
-        for key, value in _flatten(self.metrics):
-            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-            parts.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(shown)}</td></tr>")
-        parts.append("</table><p><a href='metrics.json'>metrics.json</a></p></body></html>")
+                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+                 "text-align:left;vertical-align:top}</style></head><body>", f"<h1>{html.escape(self.title)}</h1>"]
+        parts += [f"<p>{html.escape(paragraph)}</p>" for paragraph in self.intro]
+        for section in self.sections:
+            parts.append(f"<h2>{html.escape(section.title)}</h2>")
+            parts += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.paragraphs]
+            for name, caption in section.figures:
+                parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
+                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            if section.table is not None:
+                parts.append(_table_html(section.table.header, section.table.rows))
+        parts.append("<h2>Every number (metrics.json)</h2>")
+        parts.append(_table_html(("metric", "value"), _flatten(self.metrics)))
+        parts.append("<p><a href='metrics.json'>metrics.json</a></p></body></html>")
         index = folder / "index.html"
         index.write_text("\n".join(parts))
         return index
+
+
+def _shown(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _table_html(header: tuple[str, ...], rows: list[tuple]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_shown(cell))}</td>" for cell in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:

@@ -49,6 +49,7 @@ class DemoConfig:
     # they would keep most of the random initialisation (0.9978^192 = 0.65), so the demo's are shorter.
     decoder_ema: float = 0.97
     dit_ema: float = 0.99
+    decoder_noise_tau: float = 0.8     # the paper's latent noise augmentation
     gan_start_epoch: float = 14.0      # the paper runs D from 6/16 and GAN from 8/16 of its epochs; here
     disc_start_epoch: float = 13.0     # later: a frozen ViT-S discriminator costs ~4x a tiny decoder step on CPU
     dit_model: str = "ditdh-tiny"
@@ -57,7 +58,9 @@ class DemoConfig:
     dit_lr: float = 5e-4
     samples_per_class: int = 8
     sample_steps: int = 50
-    cfg_scale: float = 1.0
+    # Classifier-free guidance for the report's samples; the same noise is also drawn unguided, and
+    # the report shows both side by side (1.0: unguided only).
+    cfg_scale: float = 3.0
     num_workers: int = 1
     seed: int = 0
 
@@ -90,7 +93,7 @@ def decoder_run_config(config: DemoConfig, shards: str) -> DecoderRunConfig:
         encoder_input_size=config.encoder_input_size, decoder="tiny",
         decoder_overrides={"width": config.decoder_width, "depth": config.decoder_depth, "heads": 4,
                            "mlp_dim": 4 * config.decoder_width},
-        perceptual="efficientnet-lite0", discriminator="dinov2-s-offline",
+        noise_tau=float(config.decoder_noise_tau), perceptual="efficientnet-lite0", discriminator="dinov2-s-offline",
         disc_input_size=config.encoder_input_size,
         loss=dataclasses.replace(paper.loss, disc_start_epoch=float(config.disc_start_epoch),
                                  gan_start_epoch=float(config.gan_start_epoch)),
@@ -235,17 +238,22 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     dit = _stage(workdir, "train_dit", timings)(dit_stage)
 
     def sample_stage():
+        """The demo's samples with its guidance and, when it guides, the same noise without guidance."""
         from jobs.train.export import load_exported_model
         from pipelines.sample_job import SampleConfig, run_sampling
         from rae.sampling import SamplerConfig
 
         count = config.samples_per_class * config.classes
-        result = run_sampling(SampleConfig(
-            dit=dit["export"], decoder=decoder["export"], out=str(workdir / "samples"), num_samples=count,
-            sampler=SamplerConfig(num_steps=config.sample_steps), cfg_scale=config.cfg_scale,
-            seed=config.seed, batch_size=count, part_size=count, num_actors=1, device="cpu"),
-            loader=load_exported_model)
-        return {"npz": result.samples_npz}
+
+        def draw(cfg_scale: float, out: str) -> str:
+            return run_sampling(SampleConfig(
+                dit=dit["export"], decoder=decoder["export"], out=str(workdir / out), num_samples=count,
+                sampler=SamplerConfig(num_steps=config.sample_steps), cfg_scale=cfg_scale,
+                seed=config.seed, batch_size=count, part_size=count, num_actors=1, device="cpu"),
+                loader=load_exported_model).samples_npz
+
+        guided = draw(config.cfg_scale, "samples")
+        return {"npz": guided, "unguided_npz": draw(1.0, "samples-unguided") if config.cfg_scale != 1.0 else None}
 
     samples = _stage(workdir, "sample", timings)(sample_stage)
 
@@ -254,7 +262,8 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     report_start = time.perf_counter()
     index = build_report(workdir, config, images_classes=class_names, shards=shards, store=store,
                          decoder_export=decoder["export"], dit_export=dit["export"], samples_npz=samples["npz"],
-                         timings=timings, total_seconds=time.perf_counter() - total_start)
+                         unguided_npz=samples.get("unguided_npz"), timings=timings,
+                         total_seconds=time.perf_counter() - total_start)
     print(f"[demo] report: {time.perf_counter() - report_start:.0f} s")
     spent = {name: t.get("first_run_seconds", t["seconds"]) for name, t in timings.items()}
     print("[demo] where the time went: " + ", ".join(

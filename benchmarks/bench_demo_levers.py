@@ -1,0 +1,350 @@
+"""`rae demo`'s levers, measured: which sizes make its pictures convincing within its time budget.
+
+Each variant is a set of `DemoConfig` overrides run through the demo itself (`run_demo`), so what is
+measured is what a user gets: held-out reconstruction PSNR (beside the mean image's), class
+consistency of the samples (beside chance and real held-out crops), the samples' FD in encoder space
+as a multiple of the held-out real crops' FD, and the wall time of every stage. A variant that
+changes only late stages starts from a copy of another variant's work directory with those stages'
+markers (and training runs) removed, so the demo reuses the rest: a sampler setting costs one
+sampling stage, not a whole demo. Its reused stages report the seconds they took when they ran.
+
+The machine is shared: every variant records the load average at its start and end, and absolute
+seconds are load-dependent (see benchmarks/README.md). Variants run one per invocation
+(``--variant NAME``; a full one takes ~15 minutes of two cores) and are merged into one result file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import RESULTS_DIR, Recorder, parse_args, start_ray
+
+STAGES = ("shards", "encode", "train_decoder", "train_dit", "sample")
+OUTPUTS_OF_STAGE = {"shards": ("shards",), "encode": ("store",), "train_decoder": ("runs/decoder",),
+                    "train_dit": ("runs/dit",), "sample": ("samples", "samples-unguided")}
+GRID8 = {"encoder_input_size": 112, "crop_size": 128}
+NO_GAN = {"disc_start_epoch": 99.0, "gan_start_epoch": 99.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """DemoConfig overrides; with ``reuse`` another variant's workdir is copied and the stages from
+    ``rerun_from`` on are run again."""
+
+    overrides: dict[str, Any]
+    reuse: str | None = None
+    rerun_from: str = "shards"
+
+
+VARIANTS = {
+    "grid4-paper-loss": Variant({}),  # the defaults before issue 17: 4x4 tokens, tau 0.8, GAN from epoch 14
+    "grid8-tau0-nogan": Variant({**GRID8, "decoder_noise_tau": 0.0, **NO_GAN}),
+    "grid8-tau0-nogan-cfg2": Variant({**GRID8, "decoder_noise_tau": 0.0, **NO_GAN, "cfg_scale": 2.0},
+                                     reuse="grid8-tau0-nogan", rerun_from="sample"),
+    "grid8-tau0-nogan-cfg4": Variant({**GRID8, "decoder_noise_tau": 0.0, **NO_GAN, "cfg_scale": 4.0},
+                                     reuse="grid8-tau0-nogan", rerun_from="sample"),
+}
+# --quick measures the cheapest lever (the sampler's guidance) on a finished demo's models (--base):
+# a whole demo, even at toy sizes, is minutes of Ray Train start-up.
+QUICK_VARIANTS = {"quick-base": Variant({}, reuse="base", rerun_from="report"),
+                  "quick-cfg2": Variant({"cfg_scale": 2.0}, reuse="base", rerun_from="sample")}
+
+
+def prepare_workdir(root: Path, name: str, variant: Variant) -> Path:
+    """The variant's workdir: fresh, or a copy of its base's with the stages from rerun_from unmarked
+    (``report``: every stage reused)."""
+    workdir = root / name
+    if variant.reuse is None or workdir.exists():
+        return workdir
+    base = (root / variant.reuse).resolve()
+    if not (base / "stages" / "sample.json").exists():
+        raise FileNotFoundError(f"variant {name} reuses {variant.reuse}, which has not run in {root}: run "
+                                f"--variant {variant.reuse} first")
+    shutil.copytree(base, workdir, symlinks=True)
+    for marker in (workdir / "stages").glob("*.json"):  # the reused stages' outputs: the copy's own
+        marker.write_text(marker.read_text().replace(str(base), str(workdir.resolve())))
+    for stage in STAGES[STAGES.index(variant.rerun_from):] if variant.rerun_from in STAGES else ():
+        (workdir / "stages" / f"{stage}.json").unlink(missing_ok=True)
+        for output in OUTPUTS_OF_STAGE[stage]:
+            shutil.rmtree(workdir / output, ignore_errors=True)
+    shutil.rmtree(workdir / "report", ignore_errors=True)
+    return workdir
+
+
+def quick_overrides(base: Path) -> dict[str, Any]:
+    """Sizes that fit a finished demo's models and images (jobs/demo/photos.py's done.txt: names, crops
+    per split, crop size, seed), with few samples and sampler steps."""
+    report, images = base / "report" / "metrics.json", base / "images" / "done.txt"
+    if not (report.exists() and images.exists()):
+        raise FileNotFoundError(f"--base {base}: no report/metrics.json or images/done.txt; pass the workdir of a "
+                                f"finished rae demo")
+    train_per_class, val_per_class, crop_size, seed = map(int, images.read_text().split()[-4:])
+    return {"classes": len(json.loads(report.read_text())["classes"]), "train_per_class": train_per_class,
+            "val_per_class": val_per_class, "crop_size": crop_size, "seed": seed, "samples_per_class": 2,
+            "sample_steps": 4}
+
+
+def measure(root: Path, name: str, variant: Variant, base_overrides: dict[str, Any]) -> dict[str, Any]:
+    from jobs.demo.run import DemoConfig, run_demo
+
+    config = dataclasses.replace(DemoConfig(), **{**base_overrides, **variant.overrides})
+    load_start = list(os.getloadavg())
+    started = time.perf_counter()
+    index = run_demo(prepare_workdir(root, name, variant), config)
+    metrics = json.loads((index.parent / "metrics.json").read_text())
+    recon, samples = metrics["reconstruction"], metrics["samples"]
+    unguided = metrics.get("samples_unguided", samples)
+    return {
+        "overrides": variant.overrides, "reused_from": variant.reuse, "rerun_from": variant.rerun_from,
+        "psnr_db": round(recon["psnr_db"], 2), "mean_image_psnr_db": round(recon["mean_image_baseline_psnr_db"], 2),
+        "class_consistency": round(samples["class_consistency"], 3),
+        "class_consistency_unguided": round(unguided["class_consistency"], 3),
+        "class_consistency_real_heldout": round(samples["class_consistency_real_heldout"], 3),
+        "class_consistency_chance": round(samples["class_consistency_chance"], 3),
+        "fd_samples": round(samples["fd_encoder_samples_vs_train"], 2),
+        "fd_heldout": round(samples["fd_encoder_heldout_vs_train"], 2),
+        "fd_ratio": round(samples["fd_ratio_to_heldout"], 2),
+        "fd_ratio_unguided": round(unguided["fd_ratio_to_heldout"], 2),
+        "stage_seconds": {k: v for k, v in metrics["timings_s"].items() if k != "this_invocation"},
+        "demo_seconds": metrics["timings_s"]["total"], "this_invocation_s": round(time.perf_counter() - started, 1),
+        "targets_met": metrics["targets_met"],
+        "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderPrototype:
+    """One decoder lever measured in-process: the demo's decoder and loss (L1 + the offline perceptual
+    loss, no GAN) on latents encoded once, so each step is the decoder's own cost."""
+
+    encoder_input_size: int = 56
+    crop_size: int = 96
+    noise_tau: float = 0.0
+    perceptual_weight: float = 1.0
+    width: int = 256
+    depth: int = 4
+    steps: int = 300
+
+
+DECODER_PROTOTYPES = {
+    "grid4": DecoderPrototype(),
+    "grid4-tau0.8": DecoderPrototype(noise_tau=0.8),
+    "grid8": DecoderPrototype(encoder_input_size=112, crop_size=128),
+}
+
+
+def _photo_crops(root: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    from pipelines.image_decode import center_crop_arr
+
+    folders = sorted(p for p in (root / split).iterdir() if p.is_dir())
+    images = [(center_crop_arr(Image.open(f).convert("RGB"), size), label)
+              for label, folder in enumerate(folders) for f in sorted(folder.glob("*.jpg"))]
+    return np.stack([i for i, _ in images]), np.asarray([label for _, label in images])
+
+
+def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[str, Any]:
+    """Held-out PSNR of the EMA decoder at a few step counts, and seconds per step."""
+    import copy
+
+    import torch
+
+    from jobs.demo.photos import make_demo_images
+    from jobs.demo.report import psnr
+    from rae.decoder import build_decoder
+    from rae.decoder_loss import DecoderLoss, DecoderLossConfig
+    from rae.ema import EMA
+    from rae.encoders import OFFLINE_ENCODER, load_encoder
+    from rae.image_tensors import to_uint8_images, to_unit_images
+    from rae.perceptual import build_perceptual_loss
+
+    torch.manual_seed(seed)
+    images = make_demo_images(root / f"images-{proto.crop_size}", size=proto.crop_size, seed=seed)
+    encoder = load_encoder(OFFLINE_ENCODER, input_size=proto.encoder_input_size)
+    size = encoder.spec.image_size
+    train, _ = _photo_crops(images.train.parent, "train", size)
+    val, _ = _photo_crops(images.val.parent, "val", size)
+    with torch.no_grad():
+        z_train = torch.cat([encoder(to_unit_images(torch.from_numpy(train[i:i + 64]))) for i in range(0, len(train), 64)])
+        z_val = encoder(to_unit_images(torch.from_numpy(val)))
+    decoder = build_decoder("tiny", latent_channels=encoder.spec.channels, grid=encoder.spec.grid,
+                            noise_tau=proto.noise_tau, width=proto.width, depth=proto.depth, heads=4,
+                            mlp_dim=4 * proto.width, image_mean=tuple(encoder.spec.mean), image_std=tuple(encoder.spec.std))
+    loss = DecoderLoss(DecoderLossConfig(perceptual_weight=proto.perceptual_weight),
+                       perceptual=build_perceptual_loss("efficientnet-lite0"), discriminator=None)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    ema = EMA(decoder, 0.97)
+    real_train = to_unit_images(torch.from_numpy(train))
+    generator = torch.Generator().manual_seed(seed)
+    curve, seconds = {}, 0.0
+    for step in range(1, proto.steps + 1):
+        started = time.perf_counter()
+        pick = torch.randint(0, len(train), (32,), generator=generator)
+        decoder.train()
+        total, _ = loss.generator_loss(real_train[pick], decoder(decoder.augment_with_noise(z_train[pick])), epoch=0.0,
+                                       last_layer_weight=decoder.last_layer_weight)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        ema.update(decoder)
+        seconds += time.perf_counter() - started
+        if step in (proto.steps // 3, 2 * proto.steps // 3, proto.steps):
+            averaged = copy.deepcopy(decoder).eval()
+            averaged.load_state_dict(ema.shadow)
+            with torch.no_grad():
+                recon = to_uint8_images(averaged(z_val)).numpy()
+            curve[step] = round(float(psnr(val, recon).mean()), 2)
+    mean_image = np.broadcast_to(train.mean(axis=0).round().astype(np.uint8), val.shape)
+    return {"prototype": dataclasses.asdict(proto), "image_size": size, "psnr_db_by_step": curve,
+            "mean_image_psnr_db": round(float(psnr(val, mean_image).mean()), 2),
+            "seconds_per_step": round(seconds / proto.steps, 3), "train_images": len(train), "val_images": len(val),
+            "loadavg_end": list(os.getloadavg())}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTPrototype:
+    """One DiT lever measured in-process: ditdh-tiny trained on latents encoded once (and flipped), then
+    sampled at several CFG scales from the same noise. Class consistency here is measured on the
+    sampled latents themselves (nearest class centroid of mean-pooled tokens), the report's measure
+    without the decoder in between; FD likewise, against the training latents."""
+
+    encoder_input_size: int = 56
+    crop_size: int = 96
+    steps: int = 480  # the demo's 20 epochs of 768 latents (flips included) at batch 32
+    cfg_scales: tuple[float, ...] = (1.0, 2.0, 4.0)
+    samples_per_class: int = 8
+    sample_steps: int = 50
+
+
+DIT_PROTOTYPES = {"grid4": DiTPrototype(), "grid8": DiTPrototype(encoder_input_size=112, crop_size=128)}
+
+
+def measure_dit(root: Path, proto: DiTPrototype, seed: int = 0) -> dict[str, Any]:
+    import copy
+
+    import torch
+
+    from jobs.demo.photos import make_demo_images
+    from jobs.demo.report import frechet, nearest_centroid_accuracy
+    from rae.dit import build_dit
+    from rae.ema import EMA
+    from rae.encoders import OFFLINE_ENCODER, load_encoder
+    from rae.image_tensors import to_unit_images
+    from rae.sampling import SamplerConfig, classifier_free_guidance, sample
+    from rae.transport import TransportConfig, training_loss
+
+    torch.manual_seed(seed)
+    images = make_demo_images(root / f"images-{proto.crop_size}", size=proto.crop_size, seed=seed)
+    encoder = load_encoder(OFFLINE_ENCODER, input_size=proto.encoder_input_size)
+    train, labels = _photo_crops(images.train.parent, "train", encoder.spec.image_size)
+    val, val_labels = _photo_crops(images.val.parent, "val", encoder.spec.image_size)
+    with torch.no_grad():
+        both = np.concatenate([train, train[:, :, ::-1]])
+        z = torch.cat([encoder(to_unit_images(torch.from_numpy(np.ascontiguousarray(both[i:i + 64]))))
+                       for i in range(0, len(both), 64)])
+        z_val = encoder(to_unit_images(torch.from_numpy(val)))
+    y = torch.from_numpy(np.concatenate([labels, labels]))
+    classes = int(labels.max()) + 1
+    mean, std = z.mean(0), (z.var(0) + 1e-5).sqrt()
+    model = build_dit("ditdh-tiny", latent_channels=encoder.spec.channels, grid=encoder.spec.grid, num_classes=classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    ema = EMA(model, 0.99)
+    generator = torch.Generator().manual_seed(seed)
+    seconds = 0.0
+    for _ in range(proto.steps):
+        started = time.perf_counter()
+        pick = torch.randint(0, len(z), (32,), generator=generator)
+        model.train()
+        loss = training_loss(model, (z[pick] - mean) / std, y[pick], config=TransportConfig()).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema.update(model)
+        seconds += time.perf_counter() - started
+    averaged = copy.deepcopy(model).eval()
+    averaged.load_state_dict(ema.shadow)
+    pooled = z[:len(train)].double().mean(1).numpy()
+    centroids = np.stack([pooled[labels == c].mean(0) for c in range(classes)])
+    wanted = torch.arange(classes).repeat_interleave(proto.samples_per_class)
+    heldout_fd = frechet(z_val.double().mean(1).numpy(), pooled)
+    by_scale = {}
+    for scale in proto.cfg_scales:
+        with torch.no_grad():
+            drawn = sample(classifier_free_guidance(averaged, wanted, scale, null_class=classes),
+                           (len(wanted), *z.shape[1:]), config=SamplerConfig(num_steps=proto.sample_steps),
+                           generator=torch.Generator().manual_seed(seed)) * std + mean
+        features = drawn.double().mean(1).numpy()
+        fd = frechet(features, pooled)
+        by_scale[str(scale)] = {"class_consistency_latent": round(nearest_centroid_accuracy(features, wanted.numpy(), centroids), 3),
+                                "fd_latent": round(fd, 2), "fd_ratio_latent": round(fd / heldout_fd, 2)}
+    return {"prototype": dataclasses.asdict(proto), "by_cfg_scale": by_scale, "fd_heldout_latent": round(heldout_fd, 2),
+            "class_consistency_real_heldout_latent": round(nearest_centroid_accuracy(
+                z_val.double().mean(1).numpy(), val_labels, centroids), 3),
+            "seconds_per_step": round(seconds / proto.steps, 3), "loadavg_end": list(os.getloadavg())}
+
+
+def with_steps(proto, steps: int):
+    return dataclasses.replace(proto, steps=steps) if steps else proto
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--variant", action="append", default=[])
+    extra.add_argument("--decoder-prototype", action="append", default=[], choices=sorted(DECODER_PROTOTYPES),
+                       help="measure a decoder lever in-process instead of a demo variant")
+    extra.add_argument("--dit-prototype", action="append", default=[], choices=sorted(DIT_PROTOTYPES),
+                       help="measure a DiT lever (steps, CFG) in-process instead of a demo variant")
+    extra.add_argument("--prototype-steps", type=int, default=0, help="train the prototypes this many steps "
+                       "(0: their own; a few steps measure the cost per step only)")
+    extra.add_argument("--root", default="/tmp/rae-demo-levers", help="work directories of the variants")
+    extra.add_argument("--base", default=None, help="--quick: a finished demo workdir whose models it re-samples")
+    known, rest = extra.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(__doc__.splitlines()[0], rest)
+    if args.quick and not known.base:
+        raise ValueError("--quick re-samples a finished demo: pass --base WORKDIR (e.g. ./rae-demo after rae demo)")
+    variants = QUICK_VARIANTS if args.quick else VARIANTS
+    names = list(variants) if args.quick or not known.variant else known.variant
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(variants)}")
+    out = Path(args.out) if args.out else RESULTS_DIR / "demo_levers.json"
+    previous = json.loads(out.read_text())["results"] if out.exists() and not args.quick else {}
+    base_overrides = quick_overrides(Path(known.base)) if args.quick else {}
+    recorder = Recorder("demo_levers", args, {"variants": {n: dataclasses.asdict(v) for n, v in variants.items()},
+                                              "base_overrides": base_overrides})
+    recorder.record["results"].update(previous)
+    root = Path(known.root) / ("quick" if args.quick else "full")
+    if args.quick:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        (root / "base").symlink_to(Path(known.base).resolve())
+    root.mkdir(parents=True, exist_ok=True)
+    for name in known.decoder_prototype:
+        recorder.add(f"decoder-prototype/{name}", {"loadavg_start": list(os.getloadavg()),
+                                                   **measure_decoder(root, with_steps(DECODER_PROTOTYPES[name], known.prototype_steps))})
+    for name in known.dit_prototype:
+        recorder.add(f"dit-prototype/{name}", {"loadavg_start": list(os.getloadavg()),
+                                               **measure_dit(root, with_steps(DIT_PROTOTYPES[name], known.prototype_steps))})
+    if known.decoder_prototype or known.dit_prototype:
+        names = known.variant
+    if names:
+        start_ray()
+    for name in names:
+        recorder.add(name, measure(root, name, variants[name], base_overrides))
+    recorder.skip("gpu", "the demo is sized for two CPU cores; no GPU part")
+    recorder.write()
+
+
+if __name__ == "__main__":
+    main()
