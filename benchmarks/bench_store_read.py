@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             with fs.open(path, "rb") as handle:
                 table = pq.read_table(handle)
             binary_parts.append(str(work / f"binary-{index}.parquet"))
-            pq.write_table(as_binary_latents(table, row_bytes), binary_parts[-1], use_dictionary=["key"],
+            pq.write_table(as_binary_latents(table, shape), binary_parts[-1], use_dictionary=["key"],
                            compression={"key": "snappy", "label": "snappy", "view": "snappy",
                                         latent_store.LATENT_COLUMN: "none"},
                            row_group_size=max(1, latent_store.TARGET_ROW_GROUP_BYTES // row_bytes))  # as the store
@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     rec.write()
 
 
-def as_binary_latents(table: pa.Table, row_bytes: int) -> pa.Table:
-    """``table`` with its latent column as one binary value of ``row_bytes`` per row (same bytes)."""
-    values = latent_store.table_latents(table, (1, -1))
-    offsets = pa.py_buffer(np.arange(len(table) + 1, dtype=np.int64) * row_bytes)
+def as_binary_latents(table: pa.Table, shape: tuple[int, int]) -> pa.Table:
+    """``table`` with its latent column as one binary value per row (the same bytes)."""
+    values = latent_store.table_latents(table, shape)
+    offsets = pa.py_buffer(np.arange(len(table) + 1, dtype=np.int64) * values[0].nbytes)
     column = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(table),
                                               [None, offsets, pa.py_buffer(np.ascontiguousarray(values))])
     index = table.schema.get_field_index(latent_store.LATENT_COLUMN)
