@@ -3,13 +3,14 @@ bytes raw (every part file read whole, no decoding). Paths measured, side by sid
 
 - raw bytes: ``fs.cat_file`` of every part (the ceiling);
 - pyarrow: ``pq.read_table`` + reshape to (R, N, C) float16 (decoding Parquet, no Ray); and the
-  same parts rewritten with dictionary encoding and compression off for every column (a check that
-  the store's writer, which turns them off for the latent column, leaves nothing there: float16 has
-  only 65,536 values, so pyarrow's default dictionary encoding succeeds on latents and every value
-  would be decoded through the dictionary on read);
+  same rows rewritten with the latent as one binary value per row (not the store's format: what
+  decoding would cost without the fixed-size list of float16, whose per-value decode sets the pace);
 - read_latents: the whole store as numpy, stored dtype, and normalized to float32;
-- latent_dataset + iter_torch_batches: the training path (normalized float32 torch batches), and
-  the same without normalization; steady rates, the start of each execution recorded apart.
+- latent_dataset + iter_torch_batches, the training path: before (``normalize=True``: float32 batches
+  normalized on the CPU in Ray Data) and now (``normalize=False`` + ``latent_collate_fn``: the float16
+  rows as stored, tensors made from the Arrow buffers without a copy), the latter as host batches and
+  with the step's normalization applied (``LatentStats.normalizer``; on the CPU here, the training
+  device, where a GPU run pays it on the GPU); steady rates, the start of each execution apart.
 
     python -m benchmarks.bench_store_read [--quick]
 """
@@ -20,11 +21,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from benchmarks.common import finish, PeakMemory, Recorder, alternate, make_latent_store, parse_args, start_ray
 from pipelines import latent_store, storage
-from pipelines.store_reader import latent_dataset, open_store, read_latents
+from pipelines.store_reader import latent_collate_fn, latent_dataset, open_store, read_latents
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,21 +62,23 @@ def main(argv: list[str] | None = None) -> None:
             rec.record["config"]["part_bytes_total"] = total
             return (total / row_bytes) / config["batch_size"] / elapsed  # latent bytes as batches
 
-        plain_parts = []
-        for index, part in enumerate(store.parts):  # the same rows, written without dictionary/compression
+        binary_parts = []
+        for index, part in enumerate(store.parts):  # the same rows, the latent one binary value per row
             fs, path = storage.resolve(part)
             with fs.open(path, "rb") as handle:
                 table = pq.read_table(handle)
-            plain_parts.append(str(work / f"plain-{index}.parquet"))
-            pq.write_table(table, plain_parts[-1], use_dictionary=False, compression="none",
+            binary_parts.append(str(work / f"binary-{index}.parquet"))
+            pq.write_table(as_binary_latents(table, shape), binary_parts[-1], use_dictionary=["key"],
+                           compression={"key": "snappy", "label": "snappy", "view": "snappy",
+                                        latent_store.LATENT_COLUMN: "none"},
                            row_group_size=max(1, latent_store.TARGET_ROW_GROUP_BYTES // row_bytes))  # as the store
 
-        def arrow(parts: list[str]) -> float:
+        def arrow(parts: list[str], to_latents) -> float:
             start = time.perf_counter()
             for part in parts:
                 fs, path = storage.resolve(part)
                 with fs.open(path, "rb") as handle:
-                    latent_store.table_latents(pq.read_table(handle, columns=[latent_store.LATENT_COLUMN]), shape)
+                    to_latents(pq.read_table(handle, columns=[latent_store.LATENT_COLUMN]), shape)
             return batches / (time.perf_counter() - start)
 
         def whole(normalize: bool) -> float:
@@ -100,13 +105,37 @@ def main(argv: list[str] | None = None) -> None:
             assert seen == batches * config["batch_size"], seen
             return (batches - 1) / (time.perf_counter() - first)
 
+        normalizer = store.stats.normalizer("cpu")
+
+        def ray_float16(normalize_on_device: bool) -> float:
+            """The training path now: float16 as stored, to host tensors, then (as the DiT step does,
+            on its device) normalized; steady batches/s as in ``ray_torch``."""
+            ds = latent_dataset(url, normalize=False, shuffle_files=False)
+            start = time.perf_counter()
+            seen, first = 0, None
+            with PeakMemory() as memory:
+                for batch in ds.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
+                                                   collate_fn=latent_collate_fn(shape)):
+                    if first is None:
+                        first = time.perf_counter()
+                        startups.append(first - start)
+                    assert batch["latent"].dtype == torch.float16, batch["latent"].dtype
+                    if normalize_on_device:
+                        normalizer(batch["latent"])
+                    seen += len(batch["latent"])
+            peaks[f"latent_dataset_float16_normalize_on_device_{normalize_on_device}"] = memory.peak_mib
+            assert seen == batches * config["batch_size"], seen
+            return (batches - 1) / (time.perf_counter() - first)
+
         raw()
-        rates = alternate({"raw_bytes": raw, "pyarrow_read_table": lambda: arrow(store.parts),
-                           "pyarrow_read_table_no_dictionary_no_compression": lambda: arrow(plain_parts),
+        rates = alternate({"raw_bytes": raw,
+                           "pyarrow_read_table": lambda: arrow(store.parts, latent_store.table_latents),
+                           "pyarrow_read_table_binary_latent_column": lambda: arrow(binary_parts, binary_latents),
                            "read_latents_float16": lambda: whole(False),
                            "read_latents_normalized_float32": lambda: whole(True),
                            "latent_dataset_iter_torch_batches_normalized": lambda: ray_torch(True),
-                           "latent_dataset_iter_torch_batches_raw": lambda: ray_torch(False)},
+                           "latent_dataset_float16_host_batches": lambda: ray_float16(False),
+                           "latent_dataset_float16_normalized_on_device_cpu": lambda: ray_float16(True)},
                           config["repeats"])
         rec.add("batches_per_s", rates)
         ceiling = rates["raw_bytes"]["median"]
@@ -114,9 +143,31 @@ def main(argv: list[str] | None = None) -> None:
         rec.add("latent_mb_per_s", {k: v["median"] * config["batch_size"] * row_bytes / 1e6 for k, v in rates.items()})
         rec.add("peak_host_pss_mib", peaks)
         rec.add("ray_execution_start_s", {"median": float(np.median(startups)), "all": startups})
+        old, new = "latent_dataset_iter_torch_batches_normalized", "latent_dataset_float16_normalized_on_device_cpu"
+        rec.add("training_path_speedup", rates[new]["median"] / rates[old]["median"])
+        if not torch.cuda.is_available():
+            rec.skip("normalize_on_gpu", "no GPU in this run: the step's normalization measured on the CPU")
     finally:
         finish(work, started_ray)
     rec.write()
+
+
+def as_binary_latents(table: pa.Table, shape: tuple[int, int]) -> pa.Table:
+    """``table`` with its latent column as one binary value per row (the same bytes)."""
+    values = latent_store.table_latents(table, shape)
+    offsets = pa.py_buffer(np.arange(len(table) + 1, dtype=np.int64) * values[0].nbytes)
+    column = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(table),
+                                              [None, offsets, pa.py_buffer(np.ascontiguousarray(values))])
+    index = table.schema.get_field_index(latent_store.LATENT_COLUMN)
+    return table.set_column(index, latent_store.LATENT_COLUMN, column)
+
+
+def binary_latents(table: pa.Table, shape: tuple[int, int]) -> np.ndarray:
+    """The (R, N, C) float16 view of a binary latent column (no copy when it is one chunk)."""
+    column = table.column(latent_store.LATENT_COLUMN)
+    chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    start = int(np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset])
+    return np.frombuffer(chunk.buffers()[2], np.float16)[start // 2:].reshape(-1, *shape)[:len(chunk)]
 
 
 if __name__ == "__main__":

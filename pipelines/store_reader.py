@@ -89,19 +89,28 @@ def _normalized(latents: np.ndarray, stats: LatentStats) -> np.ndarray:
 
 
 def _to_training_batch(batch: pa.Table, *, shape: tuple[int, int], stats: LatentStats | None,
-                      views: list[int] | None) -> dict[str, np.ndarray]:
-    """Ray Data batch function: Arrow rows of a part -> ``latent`` float32 (B, N, C), ``label`` int64."""
+                      views: list[int] | None) -> dict[str, np.ndarray] | pa.Table:
+    """Ray Data batch function on Arrow rows of a part. With ``stats``: ``latent`` float32 (B, N, C),
+    normalized on the CPU, and ``label`` int64. Without: the rows as stored (``latent`` the float16
+    fixed-size list, ``label`` int64), only the chosen views, for :func:`latent_collate_fn`."""
     if views is not None:
         batch = batch.filter(pc.is_in(batch.column("view"), pa.array(views, pa.int8())))
-    z = latent_store.table_latents(batch, shape)
-    z = _normalized(z, stats) if stats is not None else z.astype(np.float32)
+    if stats is None:
+        return batch.select(["label", latent_store.LATENT_COLUMN])
+    z = _normalized(latent_store.table_latents(batch, shape), stats)
     return {"latent": z, "label": batch.column("label").to_numpy().astype(np.int64)}
 
 
 def latent_dataset(url: str, *, normalize: bool = True, views: tuple[int, ...] | None = None,
                    shuffle_seed: int | None = 0, shuffle_files: bool = True,
                    storage_options: StorageOptions | None = None):
-    """The store as a Ray Dataset of ``latent`` (float32, (N, C), normalized) and ``label`` (int64).
+    """The store as a Ray Dataset of ``latent`` and ``label`` (int64).
+
+    ``normalize=True``: ``latent`` is float32 (N, C), normalized on the CPU; for tools. ``normalize=False``
+    (training): the rows as stored, ``latent`` the float16 fixed-size list; iterate with
+    ``iter_torch_batches(collate_fn=latent_collate_fn(shape))`` for float16 (B, N, C) tensors made
+    without a copy, and normalize them on the training device (``LatentStats.normalizer``): half the
+    bytes through Ray's object store and no CPU float pass.
 
     With ``shuffle_files`` the part order is reshuffled on every execution (every epoch), seeded by
     ``shuffle_seed``; add ``local_shuffle_buffer_size`` when iterating for row-level mixing.
@@ -120,6 +129,32 @@ def latent_dataset(url: str, *, normalize: bool = True, views: tuple[int, ...] |
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_files else None
     columns = ["label", "view", latent_store.LATENT_COLUMN]
     ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(columns)
+    if not normalize and views is None:
+        return ds.select_columns(["label", latent_store.LATENT_COLUMN])
     return ds.map_batches(_to_training_batch, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs={
         "shape": store.latent_shape, "stats": store.stats if normalize else None,
         "views": sorted({int(v) for v in views}) if views is not None else None})
+
+
+def latent_batch(table: pa.Table, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Arrow rows as stored -> ``latent`` (B, N, C) in the store dtype and ``label`` int64, as views of
+    the Arrow buffers (DLPack: no copy, and no copy of read-only memory either) when the column is one
+    chunk; several chunks are joined once."""
+    latents, labels = (_one_chunk(table.column(name)) for name in (latent_store.LATENT_COLUMN, "label"))
+    return {"latent": torch.from_dlpack(latents.flatten()).view(-1, *shape), "label": torch.from_dlpack(labels)}
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def latent_collate_fn(shape: tuple[int, int]):
+    """The ``collate_fn`` for ``iter_torch_batches`` over ``latent_dataset(..., normalize=False)``:
+    Ray hands it Arrow batches, it returns :func:`latent_batch`'s tensors (Ray moves them to the device)."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class LatentCollate(ArrowBatchCollateFn):
+        def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+            return latent_batch(batch, shape)
+
+    return LatentCollate()

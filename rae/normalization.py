@@ -67,12 +67,13 @@ class LatentStats:
         the training read rate (every batch the store reader gives) for no gain on float16 inputs.
         """
         self._check(z)
-        dtype = torch.promote_types(z.dtype, torch.float32)
-        x = z.to(dtype)
-        if self.mean is not None:
-            x = x - self.mean.to(z.device, dtype)
-        scale = (1.0 / torch.sqrt(self.var + self.eps)).to(z.device, dtype)
-        return x * scale
+        return self.normalizer(z.device, torch.promote_types(z.dtype, torch.float32))(z)
+
+    def normalizer(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Normalizer:
+        """`normalize` with the statistics cast and placed once: what a training step applies to the
+        float16 latents the store reader ships (moved to the device once, not per batch)."""
+        mean = None if self.mean is None else self.mean.to(device, dtype)
+        return Normalizer(mean=mean, scale=(1.0 / torch.sqrt(self.var + self.eps)).to(device, dtype))
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """The inverse of `normalize`: z * sqrt(var + eps) + mean."""
@@ -136,6 +137,23 @@ class LatentStats:
                 f"({meta['num_tokens']}, {meta['channels']})"
             )
         return stats
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """(z - mean) * scale in the statistics' dtype (``z`` is cast to it first), on their device."""
+
+    mean: torch.Tensor | None
+    scale: torch.Tensor
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if tuple(z.shape[-2:]) != tuple(self.scale.shape):
+            raise ValueError(f"latents of shape {tuple(z.shape)} do not match the statistics: expected "
+                             f"(..., {self.scale.shape[0]}, {self.scale.shape[1]}) (num_tokens, channels)")
+        x = z.to(self.scale.dtype)
+        if self.mean is not None:
+            x = x - self.mean
+        return x * self.scale
 
 
 class MomentAccumulator:

@@ -154,3 +154,28 @@ def test_load_missing_or_foreign_file(tmp_path):
     save_file({"var": torch.ones(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a latent statistics file"):
         LatentStats.load(tmp_path / "other.safetensors")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_mean", [True, False])
+def test_the_training_step_normalizes_stored_float16_as_the_float64_reference(device, with_mean):
+    """The reader ships float16 as stored; the step's normalizer (statistics placed once) gives the
+    float64 normalization of those values within float16 rounding, and exactly `normalize`'s numbers."""
+    stats = _stats(with_mean)
+    stored = _latents(16, seed=5).half()
+    reference = stored.double() - (stats.mean if with_mean else 0)
+    reference = reference / torch.sqrt(stats.var + stats.eps)
+    normalizer = stats.normalizer(device)
+    out = normalizer(stored.to(device))
+    assert out.dtype == torch.float32 and out.device.type == device
+    assert normalizer.scale.device.type == device and normalizer.scale.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), reference, rtol=2**-11, atol=2**-14)
+    torch.testing.assert_close(out.cpu(), stats.normalize(stored), rtol=0, atol=0)
+
+
+def test_the_normalizer_refuses_latents_of_another_shape():
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., 4, 6\)"):
+        _stats().normalizer("cpu")(torch.zeros(2, 6, 4, dtype=torch.float16))

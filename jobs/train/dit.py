@@ -1,7 +1,8 @@
 """`rae train dit`: DiT^DH flow matching on a latent store, FSDP2 on Ray Train.
 
-The train function reads the store through ``ray.train.get_dataset_shard("train")`` (normalized
-latents and labels, split equally across workers), takes ``rows // global_batch`` steps per epoch
+The train function reads the store through ``ray.train.get_dataset_shard("train")`` (float16
+latents as stored and labels, split equally across workers; the step normalizes them on the
+training device with the store's statistics, placed there once), takes ``rows // global_batch`` steps per epoch
 on every rank, and hands the model-specific part (build, shard units, loss) to the shared
 scaffold. The store decides the latent space: the model's grid and channels come from its
 latent spec, which the export copies verbatim (with the store's normalization statistics).
@@ -21,11 +22,12 @@ from torch import nn
 
 from jobs.train.launch import check_batch_fits, check_run_length, train_task
 from jobs.train.lr_schedule import LRSchedule
-from jobs.train.loop import LoopConfig, OptimConfig, SingleModelTask
+from jobs.train.loop import LoopConfig, OptimConfig, RunContext, SingleModelTask
 from pipelines import latent_store, storage
 from pipelines.exports import write_export
 from rae.dit import build_dit
 from rae.latent_spec import LatentSpec
+from rae.normalization import LatentStats
 from rae.transport import TransportConfig, training_loss
 
 
@@ -99,14 +101,28 @@ def write_self_contained_export(url: str, weights: dict, meta: dict, facts: Stor
 
 class DiTTask(SingleModelTask):
     """The DiT^DH model, its FSDP2 units (trunk blocks, and the DDT head's blocks as their own
-    units) and the flow-matching loss; the export carries the store's statistics with it."""
+    units) and the flow-matching loss; the export carries the store's statistics with it.
+
+    With ``stats`` the batches are the store's rows as stored (``latent_dataset(normalize=False)``,
+    float16) and each step normalizes them on its device; without, they arrive normalized."""
 
     columns = ("latent", "label")
 
-    def __init__(self, config: DiTRunConfig, facts: StoreFacts) -> None:
+    def __init__(self, config: DiTRunConfig, facts: StoreFacts, stats: LatentStats | None = None) -> None:
         super().__init__(config.optim, config.ema_decay)
-        self.config, self.facts = config, facts
+        self.config, self.facts, self.stats = config, facts, stats
         self.transport = TransportConfig(time_distribution=config.time_distribution)
+
+    def collate_fn(self) -> Any:
+        if self.stats is None:
+            return None
+        from pipelines.store_reader import latent_collate_fn
+
+        return latent_collate_fn(self.facts.latent_spec.shape)
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        self.normalize = self.stats.normalizer(ctx.device) if self.stats is not None else None
 
     def build_kwargs(self) -> dict[str, Any]:
         spec = self.facts.latent_spec
@@ -120,7 +136,8 @@ class DiTTask(SingleModelTask):
         return [*model.blocks, *getattr(model, "head_blocks", [])]
 
     def per_sample_loss(self, model: nn.Module, batch) -> Any:
-        return training_loss(model, batch["latent"], batch["label"], config=self.transport)
+        latent = self.normalize(batch["latent"]) if self.normalize is not None else batch["latent"]
+        return training_loss(model, latent, batch["label"], config=self.transport)
 
     def export_config(self) -> dict[str, Any]:
         return {"kind": "dit", "builder": "rae.dit:build_dit", "preset": self.config.model,
@@ -143,9 +160,9 @@ def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, **launch_opt
     store = open_store(config.store)
     facts = store_facts(store.manifest, config, config.store)
     check_batch_fits(config.loop, facts.rows, f"the rows of store {config.store}")
-    task = DiTTask(config, facts)
+    task = DiTTask(config, facts, store.stats)
     with torch.device("meta"):  # refuse a bad model config (e.g. too narrow) before launching anything
         task.build_model()
-    dataset = latent_dataset(config.store, views=config.views or None, shuffle_files=False)
+    dataset = latent_dataset(config.store, normalize=False, views=config.views or None, shuffle_files=False)
     return train_task(task, config.loop, rows=facts.rows, run_config=dataclasses.asdict(config), run_name=run_name,
                       storage=storage, dataset=dataset, **launch_options)

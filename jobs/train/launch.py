@@ -301,6 +301,6 @@ def _fit_task(payload: dict[str, Any]) -> None:
     task, loop = payload["task"], payload["loop"]
     rank = ray.train.get_context().get_world_rank()
     fit(task, loop, run_name=payload["run_name"], rows=payload["rows"],
-        batches=ray_shard_batches("train", task.columns, loop.shuffle_buffer, loop.seed, rank),
+        batches=ray_shard_batches("train", task.columns, loop.shuffle_buffer, loop.seed, rank, task.collate_fn()),
         run_config=payload["run_config"], export=functools.partial(task.write_export, payload["export_url"]))
 

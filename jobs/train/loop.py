@@ -111,6 +111,11 @@ class Task(ABC):
 
     columns: tuple[str, ...] = ()
 
+    def collate_fn(self) -> Any:
+        """How this rank's Ray Data batches become tensors (``iter_torch_batches(collate_fn=...)``),
+        built in the worker; None: Ray's default."""
+        return None
+
     @abstractmethod
     def setup(self, ctx: RunContext) -> None:
         ...
@@ -213,8 +218,9 @@ def exact_batches(batches: Iterator[Batch], size: int) -> Iterator[Batch]:
 
 
 def ray_shard_batches(dataset_name: str, columns: Sequence[str], shuffle_buffer: int,
-                      seed: int, rank: int) -> BatchSource:
-    """This worker's share of a Ray Dataset passed to the trainer, one pass per epoch."""
+                      seed: int, rank: int, collate_fn: Any = None) -> BatchSource:
+    """This worker's share of a Ray Dataset passed to the trainer, one pass per epoch; ``collate_fn``
+    (a task's :meth:`Task.collate_fn`) makes the tensors, else Ray's default does."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(dataset_name)
@@ -224,7 +230,7 @@ def ray_shard_batches(dataset_name: str, columns: Sequence[str], shuffle_buffer:
 
     def batches(epoch: int, micro: int) -> Iterator[Batch]:
         stream = shard.iter_torch_batches(
-            batch_size=micro, drop_last=False, dtypes=None, device=device,
+            batch_size=micro, drop_last=False, dtypes=None, device=device, collate_fn=collate_fn,
             local_shuffle_buffer_size=shuffle_buffer or None,
             local_shuffle_seed=mix_seed(seed, epoch, rank) % (2**31) if shuffle_buffer else None)
         for batch in exact_batches(stream, micro):
