@@ -188,13 +188,14 @@ class DecoderTask(Task):
             self.disc_optimizer.zero_grad(set_to_none=True)  # the GAN term's backward may reach the heads
         return metrics
 
-    @torch.no_grad()
     def _encode(self, batch: Batch) -> Batch:
-        """The crops as images in [0, 1] and their latents (in fp32, encoded as the store's are)."""
+        """The crops as images in [0, 1] (uint8 until they reach the device) and their latents (in
+        fp32, encoded as the store's are). The frozen encoder runs under inference mode, no autograd
+        bookkeeping at all; its latents are copied out of it, as the decoder's backward saves them."""
         real = to_unit_images(batch["image"].to(self.ctx.device, non_blocking=True))
-        with autocast(self.ctx.device, self.ctx.dtype):
-            latent = self.encoder(real).float()
-        return {"real": real, "latent": latent}
+        with torch.inference_mode(), autocast(self.ctx.device, self.ctx.dtype):
+            latent = self.encoder(real)
+        return {"real": real, "latent": latent.to(torch.float32, copy=True)}
 
     def _generator_step(self, pairs: list[Batch], epoch: float, lr: float) -> dict[str, float]:
         self.decoder.train()
