@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_dit_gpu import H100_SXM_BF16_DENSE, measured_peak
 from benchmarks.common import Recorder, alternate, cuda_unavailable_reason, finish, parse_args, write_photo_crops
-from jobs.train.decoder import DecoderFacts, DecoderRunConfig, DecoderTask, resolve_facts
+from jobs.train.decoder import DecoderFacts, DecoderRunConfig, DecoderTask
 from jobs.train.loop import LoopConfig, RunContext
 from jobs.train.parallelize import autocast, compile_enabled, compute_dtype, plan_batches
 from rae.decoder_loss import DecoderLossConfig
@@ -45,6 +45,19 @@ def run_config(*, decoder: str, encoder_size: int, disc_size: int, precision: st
                             loop=LoopConfig(precision=precision, compile=compile))
 
 
+def benchmark_facts(config: DecoderRunConfig) -> DecoderFacts:
+    """What ``resolve_facts`` gives the workers, without its driver-side checks (a loaded perceptual
+    network and discriminator): the benchmark's names are known good."""
+    from pipelines.decoder_crops import crop_sizes
+    from rae.encoders import load_encoder
+
+    encoder = load_encoder(config.encoder, input_size=config.encoder_input_size)
+    resize, crop = crop_sizes(encoder.spec.image_size, config.resize, config.crop)
+    return DecoderFacts(latent_spec=encoder.latent_spec(), image_mean=tuple(encoder.spec.mean),
+                        image_std=tuple(encoder.spec.std), perceptual=config.perceptual, perceptual_weights=None,
+                        disc_digest="benchmark", rows=0, resize=resize, crop=crop)
+
+
 def build_task(config: DecoderRunConfig, facts: DecoderFacts, device: torch.device, global_batch: int,
                micro: int) -> DecoderTask:
     task = DecoderTask(config, facts)
@@ -56,8 +69,9 @@ def build_task(config: DecoderRunConfig, facts: DecoderFacts, device: torch.devi
 
 
 class PlainLoop:
-    """The same step written as a plain torch loop: the task's networks and loss module, its own AdamW
-    pair and EMA, no accumulation helper, no clipping or non-finite check, one host read per step."""
+    """The same step written as a plain torch loop on the task's own networks and loss module (their
+    weights move under both loops; the work per step is the same), with its own AdamW pair and EMA:
+    no accumulation helper, no clipping or non-finite check, one host read per step."""
 
     def __init__(self, task: DecoderTask):
         self.task, optim = task, task.config.optim
@@ -114,11 +128,12 @@ def image_batches(plan_micro: int, accum: int, size: int, seed: int = 0) -> list
             for _ in range(accum)]
 
 
-def step_flops(task: DecoderTask, batches: list[dict], step: int) -> int:
-    """Every FLOP of one eager ``train_step`` (forward and backward of each network), counted."""
+def step_flops_per_image(task: DecoderTask, batches: list[dict], step: int) -> float:
+    """FLOPs per image of an eager ``train_step`` (forward and backward of each network), counted on
+    one micro-batch (the count is linear in the images; the counter's per-op cost is not)."""
     with FlopCounterMode(display=False) as counter:
-        task.train_step(batches, step, 1e-4)
-    return counter.get_total_flops()
+        task.train_step(batches[:1], step, 1e-4)
+    return counter.get_total_flops() / len(batches[0]["image"])
 
 
 def images_per_s(step_fn, batches: list[dict], first_step: int, steps: int, images_per_step: int,
@@ -134,15 +149,16 @@ def images_per_s(step_fn, batches: list[dict], first_step: int, steps: int, imag
 
 def step_comparison(config: DecoderRunConfig, facts: DecoderFacts, *, phase: str, global_batch: int, micro: int,
                     steps: int, repeats: int, device: torch.device) -> dict:
-    """Trainer step against the plain loop on identically built networks, alternated, after one
-    warm-up step each (the trainer's warm-up step is the FLOP-counted one)."""
+    """Trainer step against the plain loop on the same networks, alternated, after a warm-up step
+    each (the trainer's first step is the FLOP-counted one)."""
     trainer = build_task(config, facts, device, global_batch, micro)
-    plain = PlainLoop(build_task(config, facts, device, global_batch, micro))
+    plain = PlainLoop(trainer)
     plan = trainer.ctx.plan
     size = facts.crop
     batches = image_batches(plan.micro, plan.accum_steps, size)
     first = PHASES[phase]
-    flops = step_flops(trainer, batches, first)
+    flops = step_flops_per_image(trainer, batches, first)
+    trainer.train_step(batches, first, 1e-4)
     plain.train_step(batches, first, 1e-4)
     rates = alternate({
         "trainer_step": lambda: images_per_s(trainer.train_step, batches, first + 1, steps, global_batch, device),
@@ -150,8 +166,7 @@ def step_comparison(config: DecoderRunConfig, facts: DecoderFacts, *, phase: str
     }, repeats)
     trainer_rate = rates["trainer_step"]["median"]
     return {"images_per_s": rates, "ratio_trainer_over_plain": trainer_rate / rates["plain_loop"]["median"],
-            "counted_gflops_per_image": flops / global_batch / 1e9,
-            "trainer_tflops": trainer_rate * flops / global_batch / 1e12,
+            "counted_gflops_per_image": flops / 1e9, "trainer_tflops": trainer_rate * flops / 1e12,
             "global_batch": global_batch, "micro_batch": plan.micro, "accum_steps": plan.accum_steps,
             "image_size": size}
 
@@ -236,15 +251,14 @@ def gpu_throughput(quick: bool, steps: int) -> dict:
         config = run_config(decoder=decoder, encoder_size=encoder_size, disc_size=disc_size, precision=precision,
                             compile=compile)
         try:
-            task = build_task(config, resolve_facts(config), device, global_batch, micro)
+            task = build_task(config, benchmark_facts(config), device, global_batch, micro)
             batches = image_batches(task.ctx.plan.micro, task.ctx.plan.accum_steps, task.facts.crop)
             for phase, first in PHASES.items():
                 torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
-                if compile == "off" and phase not in flops:  # the warm-up step, counted
-                    flops[phase] = step_flops(task, batches, first) / global_batch
-                else:  # the warm-up step: compilation, allocator
-                    task.train_step(batches, first, 1e-4)
+                if compile == "off" and phase not in flops:
+                    flops[phase] = step_flops_per_image(task, batches, first)
+                task.train_step(batches, first, 1e-4)  # the warm-up step: compilation, allocator
                 first_step_s = time.perf_counter() - start
                 rows[f"{key} {phase}"] = {
                     "images_per_s": images_per_s(task.train_step, batches, first + 1, steps, global_batch, device),
@@ -272,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
               "phases": list(PHASES) if not quick else ["reconstruction"], "global_batch": 4 if quick else 8,
               "micro_batch": 2 if quick else 4, "steps": 1 if quick else 3, "repeats": 1 if quick else 3,
               "torch_threads": threads, "precision": "fp32 (CPU)", "compile": "off (CPU)",
-              "crop_shard_images": 16 if quick else 160, "crop_resize": 384, "crop": 256,
+              "crop_shard_images": 8 if quick else 160, "crop_resize": 384, "crop": 256,
               "crop_repeats": 1 if quick else 3}
     rec = Recorder("decoder_train", args, config)
     previous = torch.get_num_threads()
@@ -280,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="rae-bench-decoder-"))
     try:
         run = run_config(decoder="tiny", encoder_size=56, disc_size=56, precision="fp32", compile="off")
-        facts = resolve_facts(run)
+        facts = benchmark_facts(run)
         steps = {}
         for phase in config["phases"]:
             steps[phase] = step_comparison(run, facts, phase=phase, global_batch=config["global_batch"],
