@@ -283,10 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     threads = 1
     config = {"decoder": "tiny", "encoder": "dinov2-s-offline at 56 px (4x4 tokens) -> 64 px images",
               "perceptual": "efficientnet-lite0", "discriminator": "dinov2-s-offline at 56 px",
-              "phases": list(PHASES) if not quick else ["reconstruction"], "global_batch": 4 if quick else 8,
-              "micro_batch": 2 if quick else 4, "steps": 1 if quick else 3, "repeats": 1 if quick else 3,
+              "phases": list(PHASES) if not quick else ["reconstruction"], "global_batch": 4,
+              "micro_batch": 2, "steps": 1 if quick else 2, "repeats": 1 if quick else 3,
               "torch_threads": threads, "precision": "fp32 (CPU)", "compile": "off (CPU)",
-              "crop_shard_images": 8 if quick else 160, "crop_resize": 384, "crop": 256,
+              "crop_shard_images": 8 if quick else 144, "crop_resize": 384, "crop": 256,
               "crop_repeats": 1 if quick else 3}
     rec = Recorder("decoder_train", args, config)
     previous = torch.get_num_threads()
