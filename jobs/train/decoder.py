@@ -12,7 +12,7 @@ operator (:mod:`pipelines.decoder_crops`); uint8 crops reach the workers through
 The decoder consumes the encoder's raw latents (the LayerNorm'd tokens), not the store's
 normalized ones: normalization belongs to the diffusion side, which denormalizes before decoding.
 
-One step on each rank: (1) generator: encode the crops (no grad), add noise-augmentation noise,
+One step on each rank: (1) generator: encode the crops (inference mode), add noise-augmentation noise,
 decode, L1 + perceptual (+ 0.75 x adaptive x GAN from ``loss.gan_start_epoch``), backward over the
 micro-batches, AdamW step, EMA update; (2) discriminator, from ``loss.disc_start_epoch``: fakes
 from a clean eval-mode pass, hinge loss on DiffAugmented reals and 8-bit fakes, gradients averaged
