@@ -17,6 +17,7 @@ import ray
 import torch
 
 from benchmarks import (
+    bench_decoder_train,
     bench_dit_gpu,
     bench_encode,
     bench_encode_gpu,
@@ -120,6 +121,22 @@ def test_dit_gpu_quick_flops_match_the_counter_and_gpu_part_is_marked(tmp_path):
         cfg = config_of("ditdh-tiny", grid=4, latent_channels=384)  # the CPU step's latent
         assert step["tflops"] == pytest.approx(step["images_per_s"] * 3 * forward_flops_per_image(cfg) / 1e12,
                                                rel=1e-6)
+
+
+def test_decoder_train_quick_compares_the_trainer_step_with_the_plain_loop(tmp_path):
+    record = run_quick(bench_decoder_train, tmp_path)
+    step = record["results"]["cpu_step"]["reconstruction"]
+    rates = step["images_per_s"]
+    assert median(rates["trainer_step"]) > 0 and median(rates["plain_loop"]) > 0
+    assert step["ratio_trainer_over_plain"] == pytest.approx(median(rates["trainer_step"]) / median(rates["plain_loop"]))
+    assert step["trainer_tflops"] == pytest.approx(
+        median(rates["trainer_step"]) * step["counted_gflops_per_image"] / 1e3)
+    crops = record["results"]["crop_producer"]
+    assert crops["ratio_streamed_over_whole_shard"] == pytest.approx(
+        median(crops["images_per_s_one_core"]["streamed"]) / median(crops["images_per_s_one_core"]["whole_shard"]))
+    assert 0 < crops["peak_traced_mib"]["streamed"] < crops["peak_traced_mib"]["whole_shard"]
+    if not torch.cuda.is_available():
+        assert "no CUDA" in record["not_run"]["gpu_throughput"]
 
 
 def test_encode_gpu_quick_measures_decode_and_marks_the_gpu_parts(tmp_path):

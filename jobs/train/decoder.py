@@ -12,7 +12,7 @@ operator (:mod:`pipelines.decoder_crops`); uint8 crops reach the workers through
 The decoder consumes the encoder's raw latents (the LayerNorm'd tokens), not the store's
 normalized ones: normalization belongs to the diffusion side, which denormalizes before decoding.
 
-One step on each rank: (1) generator: encode the crops (no grad), add noise-augmentation noise,
+One step on each rank: (1) generator: encode the crops (inference mode), add noise-augmentation noise,
 decode, L1 + perceptual (+ 0.75 x adaptive x GAN from ``loss.gan_start_epoch``), backward over the
 micro-batches, AdamW step, EMA update; (2) discriminator, from ``loss.disc_start_epoch``: fakes
 from a clean eval-mode pass, hinge loss on DiffAugmented reals and 8-bit fakes, gradients averaged
@@ -188,13 +188,14 @@ class DecoderTask(Task):
             self.disc_optimizer.zero_grad(set_to_none=True)  # the GAN term's backward may reach the heads
         return metrics
 
-    @torch.no_grad()
     def _encode(self, batch: Batch) -> Batch:
-        """The crops as images in [0, 1] and their latents (in fp32, encoded as the store's are)."""
+        """The crops as images in [0, 1] (uint8 until they reach the device) and their latents (in
+        fp32, encoded as the store's are). The frozen encoder runs under inference mode, no autograd
+        bookkeeping at all; its latents are copied out of it, as the decoder's backward saves them."""
         real = to_unit_images(batch["image"].to(self.ctx.device, non_blocking=True))
-        with autocast(self.ctx.device, self.ctx.dtype):
-            latent = self.encoder(real).float()
-        return {"real": real, "latent": latent}
+        with torch.inference_mode(), autocast(self.ctx.device, self.ctx.dtype):
+            latent = self.encoder(real)
+        return {"real": real, "latent": latent.to(torch.float32, copy=True)}
 
     def _generator_step(self, pairs: list[Batch], epoch: float, lr: float) -> dict[str, float]:
         self.decoder.train()
