@@ -253,12 +253,14 @@ def start_ray(num_cpus: int = 2, object_store_mib: int = 300, address: str | Non
     one); True when started here."""
     import ray
 
+    from pipelines.ray_start import init_ray
+
     export_pythonpath()
     started = not ray.is_initialized()
     if started and address:
         ray.init(address=address, log_to_driver=False)
     elif started:  # address="local": a new instance, never another process's cluster on this machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+        init_ray(address="local", num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=object_store_mib * 2**20, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

@@ -20,6 +20,7 @@ import ray
 from tqdm.auto import tqdm
 
 from pipelines.cluster_capacity import ClusterCapacity, autoscaler_launch_failures, cluster_capacity, parse_count_range
+from pipelines.ray_start import init_ray
 from pipelines.streaming import streamed_batches
 from pipelines.user_console import user_stderr
 
@@ -58,7 +59,7 @@ def plan_actor_pool(device: str, num_actors: str | int | tuple[int, int] | None,
     Ray when none is running. ``--device gpu`` on a cluster whose autoscaler has no GPU node type
     fails at once, naming its node types."""
     if not ray.is_initialized():
-        ray.init()
+        init_ray()
     capacity = capacity or cluster_capacity()
     if device == "gpu" and capacity.max_gpus == 0 and capacity.node_types:
         raise ValueError(f"--device gpu, but this cluster cannot have a GPU: its node types are "

@@ -13,6 +13,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from s3_server import s3_server  # noqa: E402
 
+from pipelines.ray_start import init_ray  # noqa: E402
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -53,7 +55,7 @@ def ray_cluster(ray_env):
     saved = {key: os.environ.get(key) for key in ray_env}
     os.environ.update(ray_env)
     try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+        init_ray(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield
     finally:

@@ -162,21 +162,13 @@ def check_workdir_version(workdir: Path) -> None:
     stamp.write_text(json.dumps({"export_format": EXPORT_FORMAT}))
 
 
-def start_local_ray(num_cpus: int, attempts: int = 3) -> None:
-    """A local Ray of this process's own. Its raylet must register within Ray's fixed 30 s, which a
-    loaded machine can miss (seen at load 30 on 2 cores: "The current node timed out during
-    startup", the dashboard agent late); the start is tried again, up to ``attempts`` times."""
-    import ray
+def start_local_ray(num_cpus: int) -> None:
+    """A local Ray of this process's own (even when another runs on this machine), its start tried
+    again when a loaded machine makes it miss Ray's fixed window (`pipelines.ray_start`)."""
+    from pipelines.ray_start import init_ray
 
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
-            return
-        except Exception as error:
-            if "timed out during startup" not in str(error) or attempt == attempts:
-                raise
-            print(f"[demo] Ray's start timed out (a loaded machine?); trying again ({attempt + 1}/{attempts})",
-                  flush=True)
+    init_ray(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+             on_retry=lambda message: print(f"[demo] {message}", flush=True))
 
 
 def run_demo(workdir: Path, config: DemoConfig) -> Path:

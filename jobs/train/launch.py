@@ -203,11 +203,12 @@ def launch(train_fn: Callable[[dict], None], config: dict[str, Any], *, run_name
     from ray.train.torch import TorchTrainer
 
     from jobs.train.process_group import WorkerChosenTorchConfig
+    from pipelines.ray_start import init_ray
 
     if not run_name or "/" in run_name:
         raise ValueError(f"run name {run_name!r}: expected a non-empty name without '/'")
     if not ray.is_initialized():
-        ray.init()
+        init_ray()
     plan = plan_workers(num_workers, device, cluster_capacity())
     log.info("%s", plan.describe())
     if plan.use_gpu:
