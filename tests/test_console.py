@@ -166,3 +166,22 @@ def test_rank0_sends_its_lines_and_steps_to_the_drivers_queue_when_given_one(cap
     assert sink[-1].postfix.startswith("epoch 2.00 loss=3.5 lr=0.001") and " img/s eta " in sink[-1].postfix
     logger.say("printed again")
     assert capsys.readouterr().out == "[dit] printed again\n"
+
+
+def test_our_log_lines_follow_stderr_after_the_previous_one_was_closed(monkeypatch):
+    """Each line goes to stderr as it is then. The stream of the line before may be closed by now
+    (pytest's capture of the previous test, a routed command's terminal stream): seen as
+    `ValueError: I/O operation on closed file` failing every in-process encode after the first."""
+    import io
+    import logging
+
+    from jobs.cli.app import show_our_log_lines
+
+    show_our_log_lines()
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logging.getLogger("pipelines.encode").info("first line")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("pipelines.encode").info("second line")
+    assert second.getvalue() == "second line\n"

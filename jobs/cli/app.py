@@ -95,7 +95,9 @@ class _ConsoleHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         from jobs.console import err
 
-        self.setStream(err())
+        # Assigned, not setStream(): that flushes the previous stream first, which may be closed by
+        # now (a stderr replaced and closed since the last line: pytest's capture, a routed command's end).
+        self.stream = err()
         super().emit(record)
 
 
