@@ -178,7 +178,7 @@ def test_our_log_lines_follow_stderr_after_the_previous_one_was_closed(monkeypat
     from jobs.cli.app import show_our_log_lines
 
     show_our_log_lines()
-    first, second = io.StringIO(), io.StringIO()
+    first, second = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()  # pytest's capture is one
     monkeypatch.setattr(sys, "stderr", first)
     logging.getLogger("pipelines.encode").info("first line")
     first.close()
