@@ -32,7 +32,11 @@ def run_rae_demo(workdir: Path) -> subprocess.CompletedProcess:
     """`rae demo --quick --workdir WORKDIR`, as a user runs it (a process and a Ray of its own)."""
     env = {key: value for key, value in os.environ.items() if key not in ("RAE_VERBOSE", "RAE_DEBUG")}
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--quick", "--workdir", str(workdir)],
-                          capture_output=True, text=True, timeout=840, env=env)
+                          capture_output=True, timeout=840, env=env)
+    # Decoded as a terminal shows it: text=True would turn each "\r" of a progress bar's redraw into a
+    # line of its own, where a terminal redraws the bar in place.
+    done = subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(errors="replace"),
+                                       done.stderr.decode(errors="replace"))
     assert done.returncode == 0, f"rae demo failed:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -56,7 +60,7 @@ def demo(demo_run):
 def test_the_console_is_short_and_rays_lines_are_in_the_log_it_names(demo_run):
     workdir, done = demo_run
     console = done.stdout + done.stderr
-    lines = console.count("\n")
+    lines = console.count("\n")  # the lines a terminal keeps: a bar's "\r" redraws stay on its line
     assert lines <= MOST_CONSOLE_LINES, console
     first = done.stdout.splitlines()[0]
     log = Path(re.fullmatch(r"Ray's log: (\S+) \(--verbose shows it here\)", first).group(1))
