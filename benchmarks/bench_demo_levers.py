@@ -338,10 +338,15 @@ def main(argv: list[str] | None = None) -> None:
                                                **measure_dit(root, with_steps(DIT_PROTOTYPES[name], known.prototype_steps))})
     if known.decoder_prototype or known.dit_prototype:
         names = known.variant
-    if names:
-        start_ray()
-    for name in names:
-        recorder.add(name, measure(root, name, variants[name], base_overrides))
+    started = bool(names) and start_ray()
+    try:
+        for name in names:
+            recorder.add(name, measure(root, name, variants[name], base_overrides))
+    finally:
+        if started:  # a Ray left running in a caller's process (a test's) would refuse its next ray.init
+            import ray
+
+            ray.shutdown()
     recorder.skip("gpu", "the demo is sized for two CPU cores; no GPU part")
     recorder.write()
 
