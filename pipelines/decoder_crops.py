@@ -30,17 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.image_decode import DecodeLimits, RejectedImage, decode_image
-from pipelines.shards import (
-    Rejection,
-    ShardInfo,
-    image_member,
-    iter_tar_samples,
-    list_shards,
-    parse_label,
-    read_class_names,
-    shard_bytes_reader,
-)
+from pipelines.image_decode import DecodeLimits, RejectedImage, decode_image, iter_shard_images
+from pipelines.shards import ShardInfo, list_shards, read_class_names
 from pipelines.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -122,31 +113,22 @@ def shard_samples(shard: ShardInfo, *, resize: int, limits: DecodeLimits, num_cl
                   storage_options: StorageOptions | None) -> Iterator[tuple[np.ndarray, int] | dict]:
     """Every sample of a shard in archive order, one at a time: ``(image, label)`` for a usable one
     (uint8 (resize, resize, 3), the ADM crop) or its rejection ``{"shard", "key", "reason"}``. The
-    checks and their order are ``decode_shard``'s, so the census and the crops agree with the encode
+    checks and their order are ``decode_shard``'s (both read through ``iter_shard_images``), so the census and the crops agree with the encode
     pipeline on which images are usable."""
-    def rejection(key: str, reason: str) -> dict:
-        return {"shard": shard.url, "key": key, "reason": reason}
+    rejected: list[dict] = []
 
-    try:
-        handle = shard_bytes_reader(shard, None, storage_options)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"shard {shard.url} is gone: {err}") from err
-    with handle:
-        for item in iter_tar_samples(handle, max_member_bytes=limits.max_member_bytes):
-            if isinstance(item, Rejection):
-                yield rejection(item.key, item.reason)
-                continue
-            label = parse_label(item.members, num_classes)
-            member = image_member(item.members)
-            if isinstance(member, str):
-                yield rejection(item.key, member)
-            elif isinstance(label, str):
-                yield rejection(item.key, label)
-            else:
-                try:
-                    yield decode_image(member[1], resize, limits), label
-                except RejectedImage as err:
-                    yield rejection(item.key, str(err))
+    def reject(key: str, reason: str) -> None:
+        rejected.append({"shard": shard.url, "key": key, "reason": reason})
+
+    for key, label, member in iter_shard_images(shard, reject, limits=limits, num_classes=num_classes, data=None,
+                                                storage_options=storage_options):
+        yield from rejected  # the samples before this one that had no usable label or image member
+        rejected.clear()
+        try:
+            yield decode_image(member, resize, limits), label
+        except RejectedImage as err:
+            yield {"shard": shard.url, "key": key, "reason": str(err)}
+    yield from rejected
 
 
 @dataclass(frozen=True)

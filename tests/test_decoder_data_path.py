@@ -107,3 +107,18 @@ def test_the_frozen_encoder_runs_under_inference_mode_and_its_latents_train_the_
     assert modes == [True, True]
     assert metrics["skipped"] == 0.0 and np.isfinite(metrics["loss"])
     assert not torch.equal(task.decoder.in_proj.weight, before)
+
+
+@pytest.mark.parametrize("num_classes", [2, 1])  # 1: class b's labels are out of range, rejected before decode
+def test_the_crops_source_holds_the_encode_paths_images_and_rejections_in_order(shard, num_classes):
+    from pipelines.decoder_crops import shard_samples
+    from pipelines.image_decode import decode_shard
+
+    samples = list(shard_samples(shard, resize=RESIZE, limits=DecodeLimits(), num_classes=num_classes,
+                                 storage_options=None))
+    decoded = decode_shard(shard, image_size=RESIZE, num_classes=num_classes)
+    kept = [s for s in samples if not isinstance(s, dict)]
+    assert [label for _, label in kept] == decoded.labels
+    assert np.array_equal(np.stack([image for image, _ in kept]), decoded.images)
+    assert [s for s in samples if isinstance(s, dict)] == decoded.rejected
+    assert len(decoded.rejected) == (1 if num_classes == 2 else 6)
