@@ -42,6 +42,8 @@ HEAD_NODE_TYPE = "ray.head.default"  # the fake provider hard-codes its head's t
 NODE_TYPE_LABEL = "rae/node-type"    # set on each worker node, so `status` can name its type
 DASHBOARD_PORT = 8265
 STATE_FILE = "cluster.json"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NODE_PROVIDER = "jobs.local_provider.LocalNodeProvider"  # imported by the head's autoscaler
 HEAD_START_TIMEOUT_S = 300.0         # `ray start --head` took ~10 s on an idle 2-core machine; up to 3 tries loaded
 STOP_TIMEOUT_S = 30.0
 AGENT_PORT = 52365                   # the head's dashboard agent (ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT)
@@ -150,7 +152,8 @@ def autoscaling_config(spec: LocalClusterSpec) -> dict:
         "cluster_name": "rae-local",
         "max_workers": spec.cpu_workers + spec.gpu_workers,
         "idle_timeout_minutes": spec.idle_timeout_s / 60.0,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        # Ray's fake provider, replacing a node whose raylet died as a cloud would (jobs/local_provider.py).
+        "provider": {"type": "external", "module": NODE_PROVIDER, "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True},
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": types,
@@ -173,6 +176,8 @@ def namespace_env(spec: LocalClusterSpec, environ: Mapping[str, str]) -> dict[st
     env = {k: v for k, v in environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", os.defpath)])
     env["HF_HUB_OFFLINE"] = "1"
+    # The head's autoscaler imports this project's node provider (jobs.local_provider).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), environ.get("PYTHONPATH")) if p)
     env.update(spec.env)
     env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_USAGE_STATS_ENABLED="0",
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(workdir / "auth_token"), RAE_LC_DIR=str(workdir))

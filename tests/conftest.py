@@ -96,6 +96,22 @@ def local_cluster(local_cluster_spec):
         yield cluster
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test on the local autoscaling cluster reports the cluster's state with its failure
+    (tests/cluster_diagnostics.py): CI keeps nothing else of the cluster."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        from jobs.local_cluster import LocalCluster
+
+        clusters = [value for value in getattr(item, "funcargs", {}).values() if isinstance(value, LocalCluster)]
+        if clusters:
+            import cluster_diagnostics
+
+            report.sections.append(("local cluster at the failure", cluster_diagnostics.describe(clusters[0])))
+
+
 def require_namespaces() -> None:
     """Skip where this machine cannot make the local cluster's namespaces (not root, no user
     namespaces, not Linux), unless RAE_REQUIRE_LOCAL_CLUSTER=1 (set by .ci/run): then fail, so CI

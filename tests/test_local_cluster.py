@@ -68,7 +68,9 @@ def test_node_types_mirror_cluster_yaml_and_scale_from_zero():
     assert types["gpu"]["resources"]["GPU"] == 1 and types["gpu"]["resources"]["CPU"] == 2
     assert "GPU" not in types["cpu"]["resources"]
     assert config["idle_timeout_minutes"] == 0.75
-    assert config["provider"]["type"] == "fake_multinode"
+    assert config["provider"] == {"type": "external", "module": "jobs.local_provider.LocalNodeProvider",
+                                  "use_node_id_as_ip": True, "disable_node_updaters": True,
+                                  "disable_launch_config_check": True}
 
 
 def test_namespace_runs_this_venv_offline_and_forwards_the_callers_variables():
@@ -78,6 +80,7 @@ def test_namespace_runs_this_venv_offline_and_forwards_the_callers_variables():
     assert env["HF_HUB_OFFLINE"] == "1" and env["WANDB_MODE"] == "disabled" and env["RAE_CACHE_DIR"] == "/cache"
     assert "RAY_ADDRESS" not in env  # another cluster's address must not leak into this one
     assert env["RAY_AUTH_MODE"] == "token"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)  # the head's autoscaler imports jobs.local_provider
 
 
 def test_status_of_a_folder_without_a_cluster_is_a_one_line_error(tmp_path, capsys):
@@ -176,6 +179,31 @@ def test_an_idle_gpu_node_is_removed_after_the_idle_timeout(cluster, local_clust
     timings["gpu job end -> node gone"] = time.monotonic() - timings.pop("job ended at")
     wait_until(lambda: raylet_pids(cluster, "gpu") == {}, 60, "the removed node's raylet to exit")  # GCS marks it dead first
     assert _alive(cluster, HEAD_NODE_TYPE)
+
+
+@pytest.mark.slow
+def test_a_gpu_node_whose_raylet_dies_is_replaced_while_its_resources_are_requested(cluster, timings):
+    """A lost node leaves the provider's list, as on a cloud (jobs/local_provider.py). Ray's fake
+    provider kept it, and a standing request for a GPU (what a training job's wait makes) counted the
+    dead node as meeting it: no replacement was ever launched."""
+    def request(gpus: int) -> None:
+        script = ("import sys, ray; from ray.autoscaler.sdk import request_resources; ray.init(); "
+                  "request_resources(bundles=[{'GPU': 1}] * int(sys.argv[1]))")
+        done = exec_inside(cluster, [sys.executable, "-c", script, str(gpus)], capture_output=True, text=True,
+                           timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    request(1)
+    try:
+        first = wait_until(lambda: _alive(cluster, "gpu"), 240, "a gpu node for the request")[0]
+        os.kill(raylet_pids(cluster, "gpu")[first], 9)
+        lost_at = time.monotonic()
+        replacement = wait_until(lambda: [n for n in _alive(cluster, "gpu") if n != first], 300, "a replacement gpu node")
+        timings["gpu node lost -> replacement up"] = time.monotonic() - lost_at
+        assert replacement
+        wait_until(lambda: first not in _alive(cluster, "gpu"), 120, "the lost node marked dead")
+    finally:
+        request(0)
 
 
 @pytest.mark.slow
