@@ -208,6 +208,12 @@ def test_report_states_each_number_beside_its_baseline_and_target(demo):
         "class_consistency_at_least_0.5": samples["class_consistency"] >= 0.5,
         "fd_at_most_4x_heldout": samples["fd_ratio_to_heldout"] <= 4.0}
     assert "Top row: one held-out crop per class, never seen in training" in text  # what the picture is
+    # The decoder's ceiling: real held-out latents decoded and scored as samples are.
+    assert 0.0 <= recon["class_consistency"] <= 1.0
+    assert recon["fd_ratio_to_heldout"] == pytest.approx(
+        recon["fd_encoder_vs_train"] / samples["fd_encoder_heldout_vs_train"])
+    assert "the decoder's ceiling for the samples" in text
+    assert f"ratio {recon['fd_ratio_to_heldout']:.1f}x held-out" in text
 
 
 def test_report_shows_guided_samples_beside_unguided_ones_from_the_same_noise(demo):
