@@ -10,7 +10,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-from builders import as_format_version_2, class_latent_store, latent_manifest, synthetic_spec, write_latent_store
+from builders import as_format_version_2, class_latent_store, latent_manifest, synthetic_spec, tiny_dit_config, \
+    write_latent_store
 
 from jobs.train.loop import RunContext, step_batches
 from jobs.train.parallelize import plan_batches
@@ -200,3 +201,18 @@ def test_a_resumed_epoch_continues_with_the_batches_the_uninterrupted_run_had(gr
         uninterrupted = steps(rank, 0)
         assert len(uninterrupted) == 12 and all(len(step) == 2 for step in uninterrupted)
         assert steps(rank, 7) == uninterrupted[7:] and steps(rank, 3) == uninterrupted[3:]
+
+
+def test_rae_train_dit_hands_each_worker_a_reader_of_the_store_and_no_ray_dataset(class_store, monkeypatch):
+    from jobs.train import dit
+
+    launched = {}
+    monkeypatch.setattr(dit, "train_task", lambda task, loop, **kwargs: launched.update(task=task, loop=loop, **kwargs))
+    dit.train_dit(tiny_dit_config(class_store), run_name="wired", storage="unused")
+    assert "dataset" not in launched  # no Ray Dataset: nothing for Ray Data to execute
+    task, loop = launched["task"], launched["loop"]
+    assert loop.shuffle_buffer == 32 and launched["rows"] == 64
+    for world in (1, 2):  # the share is cut from the world each attempt has (an elastic run changes it)
+        shares = [rows_of(task.batch_source(loop, rank, world)(0, 8)) for rank in range(world)]
+        assert shares[0] == rows_of(source(class_store, rank=0, world=world, shuffle_buffer=32)(0, 8))
+        assert sum(len(share) for share in shares) == 64
