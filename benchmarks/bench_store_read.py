@@ -11,7 +11,12 @@ bytes raw (every part file read whole, no decoding). Paths measured, side by sid
   normalized on the CPU in Ray Data) and now (``normalize=False`` + ``latent_collate_fn``: the float16
   rows as stored, tensors made from the Arrow buffers without a copy), the latter as host batches and
   with the step's normalization applied (``LatentStats.normalizer``; on the CPU here, the training
-  device, where a GPU run pays it on the GPU); steady rates, the start of each execution apart.
+  device, where a GPU run pays it on the GPU); steady rates, the start of each execution apart;
+- store_batches, the DiT's training path now (``pipelines.store_batches.StoreBatches``: each worker
+  reads its share with pyarrow, a prefetch thread, no Ray Data): one rank's epoch of float16 batches
+  as they reach the step, in the share's order and through the training default's local shuffle
+  buffer (``shuffle_rows`` rows), and normalized as the step does on its device; whole epochs, their
+  start included.
 
     python -m benchmarks.bench_store_read [--quick]
 """
@@ -28,6 +33,7 @@ import torch
 
 from benchmarks.common import finish, PeakMemory, Recorder, alternate, make_latent_store, parse_args, start_ray
 from pipelines import latent_store, storage
+from pipelines.store_batches import StoreBatches, store_rows
 from pipelines.store_reader import latent_collate_fn, latent_dataset, open_store, read_latents
 
 
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     config = {"rows": 128 if quick else 2048, "encoder": "dinov2-s-offline" if quick else "dinov2-b-reg4",
               "input_size": 56 if quick else 224, "tokens": 16 if quick else 256, "channels": 384 if quick else 768,
               "parts": 2 if quick else 4, "batch_size": 16 if quick else 64, "latent_dtype": "float16",
-              "repeats": 1 if quick else 3, "page_cache": "warm (a first untimed raw read)",
+              "repeats": 1 if quick else 3, "shuffle_rows": 32 if quick else 512, "page_cache": "warm (a first untimed raw read)",
               "ray_paths": "steady rate from the first batch to the last; the execution's start apart"}
     rec = Recorder("store_read", args, config)
     work = Path(tempfile.mkdtemp(prefix="rae-bench-store-"))
@@ -129,6 +135,24 @@ def main(argv: list[str] | None = None) -> None:
             assert seen == batches * config["batch_size"], seen
             return (batches - 1) / (time.perf_counter() - first)
 
+        rows = store_rows(store)
+        epochs = iter(range(10**6))
+
+        def local(shuffle_rows: int, normalize_on_device: bool = False) -> float:
+            """One rank (of one) reading a whole epoch, a new row-group order each call."""
+            source = StoreBatches(rows, rank=0, world=1, seed=0, shuffle_buffer=shuffle_rows)
+            start = time.perf_counter()
+            seen = 0
+            with PeakMemory(tree=False) as memory:
+                for batch in source(next(epochs), config["batch_size"]):
+                    assert batch["latent"].dtype == torch.float16, batch["latent"].dtype
+                    if normalize_on_device:
+                        normalizer(batch["latent"])
+                    seen += len(batch["latent"])
+            peaks[f"store_batches_shuffle_{shuffle_rows}_normalize_{normalize_on_device}"] = memory.peak_mib
+            assert seen == batches * config["batch_size"], seen
+            return batches / (time.perf_counter() - start)
+
         raw()
         rates = alternate({"raw_bytes": raw,
                            "pyarrow_read_table": lambda: arrow(store.parts, latent_store.table_latents),
@@ -142,7 +166,11 @@ def main(argv: list[str] | None = None) -> None:
                            "read_latents_normalized_float32": lambda: whole(True),
                            "latent_dataset_iter_torch_batches_normalized": lambda: ray_torch(True),
                            "latent_dataset_float16_host_batches": lambda: ray_float16(False),
-                           "latent_dataset_float16_normalized_on_device_cpu": lambda: ray_float16(True)},
+                           "latent_dataset_float16_normalized_on_device_cpu": lambda: ray_float16(True),
+                           "store_batches_float16_host_batches": lambda: local(0),
+                           "store_batches_float16_shuffled_host_batches": lambda: local(config["shuffle_rows"]),
+                           "store_batches_float16_shuffled_normalized_on_device_cpu":
+                               lambda: local(config["shuffle_rows"], normalize_on_device=True)},
                           config["repeats"])
         rec.add("batches_per_s", rates)
         ceiling = rates["raw_bytes"]["median"]
@@ -152,8 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         rec.add("ray_execution_start_s", {"median": float(np.median(startups)), "all": startups})
         old, new = "latent_dataset_iter_torch_batches_normalized", "latent_dataset_float16_normalized_on_device_cpu"
         rec.add("training_path_speedup", rates[new]["median"] / rates[old]["median"])
-        rec.add("goal_store_to_gpu_ready_batches_fraction_of_raw",
-                rates["latent_dataset_float16_host_batches"]["median"] / ceiling)
+        rec.add("goal_store_to_gpu_ready_batches_fraction_of_raw",  # the DiT's path, with its shuffle buffer
+                rates["store_batches_float16_shuffled_host_batches"]["median"] / ceiling)
+        rec.add("store_batches_speedup_over_latent_dataset",
+                rates["store_batches_float16_shuffled_host_batches"]["median"]
+                / rates["latent_dataset_float16_host_batches"]["median"])
         if not torch.cuda.is_available():
             rec.skip("normalize_on_gpu", "no GPU in this run: the step's normalization measured on the CPU")
     finally:

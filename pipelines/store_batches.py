@@ -14,8 +14,8 @@ metadata) is read once, on the driver, and travels to the workers. Per epoch
    by at most one row, each rank reading only the row groups its share overlaps. A rank's share is
    cut into batches of exactly ``micro`` rows; the last ``share % micro`` rows (after the local
    shuffle: other rows each epoch) are not yielded. The training loop takes ``rows // global_batch``
-   steps per epoch, which every share covers, so the rows it leaves out are at most
-   ``rows % global_batch`` plus one per rank;
+   steps per epoch, which every share covers, so an epoch trains on all but ``rows % global_batch``
+   rows, other ones each epoch;
 3. a local shuffle buffer of ``shuffle_buffer`` rows (at least ``micro``), drawn from
    ``(seed, epoch, rank)``, mixes the rows; 0 keeps the share's order and ships zero-copy views of
    the Arrow buffers (a batch across two row groups is joined once).

@@ -1,4 +1,5 @@
-"""Reading a latent store: plain pyarrow for tools, a Ray Dataset for training.
+"""Reading a latent store: plain pyarrow for tools, a Ray Dataset for tools and the benchmarks (DiT
+training reads each rank's share itself: :mod:`pipelines.store_batches`).
 
 Both read only the parts the manifest lists, and refuse a store whose encode has not finished.
 """
