@@ -17,8 +17,12 @@ metadata) is read once, on the driver, and travels to the workers. Per epoch
    steps per epoch, which every share covers, so an epoch trains on all but ``rows % global_batch``
    rows, other ones each epoch;
 3. a local shuffle buffer of ``shuffle_buffer`` rows (at least ``micro``), drawn from
-   ``(seed, epoch, rank)``, mixes the rows; 0 keeps the share's order and ships zero-copy views of
-   the Arrow buffers (a batch across two row groups is joined once).
+   ``(seed, epoch, rank)``, mixes the rows: the share is taken in consecutive windows of whole row
+   groups holding at least that many rows, each window's rows put in a random order and cut into
+   batches (the rows left over join the next window). Each row is copied once, from the Arrow
+   buffers into its batch; the next window is read while this one is batched, so a rank holds up
+   to two windows. 0 keeps the share's order and ships zero-copy views of the Arrow buffers (a
+   batch across two row groups is joined once).
 
 The same ``(seed, epoch, rank, world)`` gives the same batches, which is what lets a resumed run skip
 to its position in the epoch and see what the uninterrupted run saw. With ``world`` changed (an
@@ -30,7 +34,6 @@ Batches are :func:`pipelines.store_reader.latent_batch`'s: ``latent`` (B, N, C) 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -48,7 +51,7 @@ from pipelines.storage import StorageOptions
 from pipelines.store_reader import LatentStore, latent_batch
 
 Batch = dict[str, torch.Tensor]
-PREFETCH_ROW_GROUPS = 1  # row groups read ahead of the one being batched (each ~128 MiB in a store made by rae)
+PREFETCH_ROW_GROUPS = 1  # row groups read ahead of the one being batched without a shuffle (~128 MiB each)
 METADATA_THREADS = 16  # parts whose footers are read at once (a remote store: one request each)
 
 
@@ -134,13 +137,16 @@ class StoreBatches:
 
     def __call__(self, epoch: int, micro: int) -> Iterator[Batch]:
         pieces = epoch_share(self.rows.groups, seed=self.seed, epoch=epoch, rank=self.rank, world=self.world)
-        tables = _prefetched(pieces, self._read)
+        window = max(self.shuffle_buffer, micro)
+        group_rows = max(1, self.rows.num_rows // max(1, len(self.rows.groups)))
+        ahead = -(-window // group_rows) if self.shuffle_buffer else PREFETCH_ROW_GROUPS  # the next window
+        tables = _prefetched(pieces, self._read, ahead)
         try:
             if not self.shuffle_buffer:
                 yield from _in_order(tables, micro, self.rows.shape)
             else:
                 rng = np.random.default_rng([self.seed % 2**64, epoch, 1, self.rank])
-                yield from _shuffled(_row_arrays(tables, self.rows.shape), micro, max(self.shuffle_buffer, micro), rng)
+                yield from _shuffled(_row_arrays(tables, self.rows.shape), micro, window, rng)
         finally:
             tables.close()
 
@@ -170,10 +176,11 @@ def _kept_mask(table: pa.Table, views: tuple[int, ...]) -> pa.ChunkedArray:
     return pc.is_in(table.column("view"), value_set=pa.array(views, pa.int8()))
 
 
-def _prefetched(pieces: list[Piece], read: Callable[[Piece], pa.Table]) -> Iterator[pa.Table]:
-    """``read(piece)`` of every piece, in order, each read in a background thread while the one before
-    is batched (pyarrow releases the GIL while it reads and decodes). Closing the iterator stops it."""
-    handoff: queue.Queue = queue.Queue(maxsize=PREFETCH_ROW_GROUPS)
+def _prefetched(pieces: list[Piece], read: Callable[[Piece], pa.Table], ahead: int) -> Iterator[pa.Table]:
+    """``read(piece)`` of every piece, in order, read in a background thread up to ``ahead`` pieces
+    ahead of the consumer (pyarrow releases the GIL while it reads and decodes). Closing the iterator
+    stops it."""
+    handoff: queue.Queue = queue.Queue(maxsize=ahead)
     stop = threading.Event()
 
     def put(item: tuple[str, object]) -> None:
@@ -236,52 +243,55 @@ def _row_arrays(tables: Iterator[pa.Table], shape: tuple[int, int]) -> Iterator[
                    batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
 
 
-class _RowStream:
-    """Rows pulled from a stream of row arrays into chosen slots of a buffer."""
-
-    def __init__(self, chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
-        self.chunks = chunks
-        self.latents, self.labels, self.at = np.empty(0), np.empty(0), 0
-
-    def fill(self, latents: np.ndarray, labels: np.ndarray, slots: np.ndarray) -> int:
-        """Copy the next ``len(slots)`` rows into ``slots``; returns how many there were (fewer at the end)."""
-        done = 0
-        while done < len(slots):
-            if self.at == len(self.latents):
-                chunk = next(self.chunks, None)
-                if chunk is None:
-                    return done
-                (self.latents, self.labels), self.at = chunk, 0
-            take = min(len(slots) - done, len(self.latents) - self.at)
-            into = slots[done:done + take]
-            latents[into] = self.latents[self.at:self.at + take]
-            labels[into] = self.labels[self.at:self.at + take]
-            done, self.at = done + take, self.at + take
-        return done
+def _windows(chunks: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """The chunks in consecutive groups of at least ``size`` rows (the last one may hold fewer)."""
+    window: list[tuple[np.ndarray, np.ndarray]] = []
+    held = 0
+    for chunk in chunks:
+        window.append(chunk)
+        held += len(chunk[1])
+        if held >= size:
+            yield window
+            window, held = [], 0
+    if window:
+        yield window
 
 
 def _shuffled(chunks: Iterator[tuple[np.ndarray, np.ndarray]], micro: int, capacity: int,
               rng: np.random.Generator) -> Iterator[Batch]:
-    """Batches of ``micro`` rows drawn at random from a buffer of ``capacity`` rows, each drawn slot
-    refilled with the next rows; once the rows run out, what the buffer holds in a random order. A
-    short tail is dropped."""
-    first = next(chunks, None)
-    if first is None:
-        return
-    latents = np.empty((capacity, *first[0].shape[1:]), first[0].dtype)
-    labels = np.empty(capacity, np.int64)
-    stream = _RowStream(itertools.chain([first], chunks))
-    held = np.zeros(capacity, bool)
-    got = stream.fill(latents, labels, np.arange(capacity))
-    held[:got] = True
-    refilled = got == capacity
-    while refilled:
-        slots = rng.choice(capacity, micro, replace=False)
-        yield {"latent": torch.from_numpy(latents[slots]), "label": torch.from_numpy(labels[slots])}
-        got = stream.fill(latents, labels, slots)
-        held[slots[got:]] = False
-        refilled = got == micro
-    rest = rng.permutation(np.flatnonzero(held))
-    for at in range(0, len(rest) - micro + 1, micro):
-        slots = rest[at:at + micro]
-        yield {"latent": torch.from_numpy(latents[slots]), "label": torch.from_numpy(labels[slots])}
+    """Batches of ``micro`` rows whose rows are mixed within consecutive windows of at least ``capacity``
+    rows: each window's rows in a random order, cut into batches, the rows left over joining the next
+    window; a short tail is dropped. Each row is copied once, from the Arrow buffers into its batch
+    (grouped by the chunk it comes from inside the batch)."""
+    carry: list[tuple[np.ndarray, np.ndarray]] = []
+    for window in _windows(chunks, capacity):
+        window = carry + window
+        source = np.concatenate([np.full(len(labels), i) for i, (_, labels) in enumerate(window)])
+        row = np.concatenate([np.arange(len(labels)) for _, labels in window])
+        order = rng.permutation(len(row))
+        cut = len(order) - len(order) % micro
+        for at in range(0, cut, micro):
+            yield _gather(window, source[order[at:at + micro]], row[order[at:at + micro]])
+        rest = order[cut:]
+        carry = [_gathered(window, source[rest], row[rest])] if len(rest) else []
+
+
+def _gather(window: list[tuple[np.ndarray, np.ndarray]], source: np.ndarray, row: np.ndarray) -> Batch:
+    latents, labels = _gathered(window, source, row)
+    return {"latent": torch.from_numpy(latents), "label": torch.from_numpy(labels)}
+
+
+def _gathered(window: list[tuple[np.ndarray, np.ndarray]], source: np.ndarray,
+              row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``row[i]`` of chunks ``source[i]`` copied into new arrays, grouped by chunk."""
+    by_chunk = np.argsort(source, kind="stable")
+    source, row = source[by_chunk], row[by_chunk]
+    first = window[int(source[0])][0]
+    latents = np.empty((len(row), *first.shape[1:]), first.dtype)
+    labels = np.empty(len(row), np.int64)
+    bounds = np.flatnonzero(np.diff(source)) + 1
+    for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(row)], strict=True):
+        chunk_latents, chunk_labels = window[int(source[start])]
+        np.take(chunk_latents, row[start:stop], axis=0, out=latents[start:stop], mode="clip")  # unbuffered
+        np.take(chunk_labels, row[start:stop], out=labels[start:stop], mode="clip")
+    return latents, labels

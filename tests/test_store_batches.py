@@ -123,6 +123,17 @@ def test_without_a_shuffle_buffer_rows_keep_their_stored_order_within_each_row_g
     assert orders[0] != orders[1]  # the row groups in another order each epoch
 
 
+def test_the_shuffle_buffer_mixes_the_rows_of_a_window_of_whole_row_groups(grouped_store):
+    """A buffer of 8 rows: windows of whole row groups holding at least 8 rows, each in a random order."""
+    in_order = rows_of(source(grouped_store)(4, 1))
+    mixed = rows_of(source(grouped_store, shuffle_buffer=8)(4, 1))
+    pieces = epoch_share(store_rows(open_store(grouped_store)).groups, seed=0, epoch=4, rank=0, world=1)
+    first_window = int(np.searchsorted(np.cumsum([p.stop - p.start for p in pieces]), 8)) + 1
+    size = sum(p.stop - p.start for p in pieces[:first_window])
+    assert size >= 8 and sorted(mixed[:size]) == sorted(in_order[:size]) and mixed[:size] != in_order[:size]
+    assert sorted(mixed) == sorted(in_order)
+
+
 def test_a_share_covers_only_the_row_groups_it_overlaps():
     groups = tuple(RowGroup(f"part{i}", 0, 4) for i in range(5))  # 20 rows
     for world in (1, 2, 3, 7):
