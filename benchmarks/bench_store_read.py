@@ -2,15 +2,21 @@
 bytes raw (every part file read whole, no decoding). Paths measured, side by side, warm page cache:
 
 - raw bytes: ``fs.cat_file`` of every part (the ceiling);
-- pyarrow: ``pq.read_table`` + reshape to (R, N, C) float16 (decoding Parquet, no Ray); and the
-  same rows rewritten with the latent as one binary value per row (not the store's format: what
-  decoding would cost without the fixed-size list of float16, whose per-value decode sets the pace);
+- pyarrow: ``pq.read_table`` + reshape to (R, N, C) float16 (decoding Parquet, no Ray) of the store
+  (format 3: the latent one ``fixed_size_binary`` value per row, viewed without a copy); the same rows
+  rewritten with the latent as ``binary`` and ``large_binary`` (the other one-value-per-row types), and as
+  format 2 stored it (a ``fixed_size_list`` of float16, whose per-value decode set the pace);
 - read_latents: the whole store as numpy, stored dtype, and normalized to float32;
 - latent_dataset + iter_torch_batches, the training path: before (``normalize=True``: float32 batches
   normalized on the CPU in Ray Data) and now (``normalize=False`` + ``latent_collate_fn``: the float16
   rows as stored, tensors made from the Arrow buffers without a copy), the latter as host batches and
   with the step's normalization applied (``LatentStats.normalizer``; on the CPU here, the training
-  device, where a GPU run pays it on the GPU); steady rates, the start of each execution apart.
+  device, where a GPU run pays it on the GPU); steady rates, the start of each execution apart;
+- store_batches, the DiT's training path now (``pipelines.store_batches.StoreBatches``: each worker
+  reads its share with pyarrow, a prefetch thread, no Ray Data): one rank's epoch of float16 batches
+  as they reach the step, in the share's order and through the training default's local shuffle
+  buffer (``shuffle_rows`` rows), and normalized as the step does on its device; whole epochs, their
+  start included.
 
     python -m benchmarks.bench_store_read [--quick]
 """
@@ -27,6 +33,7 @@ import torch
 
 from benchmarks.common import finish, PeakMemory, Recorder, alternate, make_latent_store, parse_args, start_ray
 from pipelines import latent_store, storage
+from pipelines.store_batches import StoreBatches, store_rows
 from pipelines.store_reader import latent_collate_fn, latent_dataset, open_store, read_latents
 
 
@@ -36,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     config = {"rows": 128 if quick else 2048, "encoder": "dinov2-s-offline" if quick else "dinov2-b-reg4",
               "input_size": 56 if quick else 224, "tokens": 16 if quick else 256, "channels": 384 if quick else 768,
               "parts": 2 if quick else 4, "batch_size": 16 if quick else 64, "latent_dtype": "float16",
-              "repeats": 1 if quick else 3, "page_cache": "warm (a first untimed raw read)",
+              "repeats": 1 if quick else 3, "shuffle_rows": 32 if quick else 512, "page_cache": "warm (a first untimed raw read)",
               "ray_paths": "steady rate from the first batch to the last; the execution's start apart"}
     rec = Recorder("store_read", args, config)
     work = Path(tempfile.mkdtemp(prefix="rae-bench-store-"))
@@ -62,16 +69,17 @@ def main(argv: list[str] | None = None) -> None:
             rec.record["config"]["part_bytes_total"] = total
             return (total / row_bytes) / config["batch_size"] / elapsed  # latent bytes as batches
 
-        binary_parts = []
-        for index, part in enumerate(store.parts):  # the same rows, the latent one binary value per row
+        rewritten: dict[str, list[str]] = {"binary": [], "large_binary": [], "list": []}
+        for index, part in enumerate(store.parts):  # the same rows, the latent column of another type
             fs, path = storage.resolve(part)
             with fs.open(path, "rb") as handle:
                 table = pq.read_table(handle)
-            binary_parts.append(str(work / f"binary-{index}.parquet"))
-            pq.write_table(as_binary_latents(table, shape), binary_parts[-1], use_dictionary=["key"],
-                           compression={"key": "snappy", "label": "snappy", "view": "snappy",
-                                        latent_store.LATENT_COLUMN: "none"},
-                           row_group_size=max(1, latent_store.TARGET_ROW_GROUP_BYTES // row_bytes))  # as the store
+            for kind, paths in rewritten.items():
+                paths.append(str(work / f"{kind}-{index}.parquet"))
+                pq.write_table(with_latent_column(table, shape, kind), paths[-1], use_dictionary=["key"],
+                               compression={"key": "snappy", "label": "snappy", "view": "snappy",
+                                            latent_store.LATENT_COLUMN: "none"},
+                               row_group_size=max(1, latent_store.TARGET_ROW_GROUP_BYTES // row_bytes))  # as the store
 
         def arrow(parts: list[str], to_latents) -> float:
             start = time.perf_counter()
@@ -127,15 +135,42 @@ def main(argv: list[str] | None = None) -> None:
             assert seen == batches * config["batch_size"], seen
             return (batches - 1) / (time.perf_counter() - first)
 
+        rows = store_rows(store)
+        epochs = iter(range(10**6))
+
+        def local(shuffle_rows: int, normalize_on_device: bool = False) -> float:
+            """One rank (of one) reading a whole epoch, a new row-group order each call."""
+            source = StoreBatches(rows, rank=0, world=1, seed=0, shuffle_buffer=shuffle_rows)
+            start = time.perf_counter()
+            seen = 0
+            with PeakMemory(tree=False) as memory:
+                for batch in source(next(epochs), config["batch_size"]):
+                    assert batch["latent"].dtype == torch.float16, batch["latent"].dtype
+                    if normalize_on_device:
+                        normalizer(batch["latent"])
+                    seen += len(batch["latent"])
+            peaks[f"store_batches_shuffle_{shuffle_rows}_normalize_{normalize_on_device}"] = memory.peak_mib
+            assert seen == batches * config["batch_size"], seen
+            return batches / (time.perf_counter() - start)
+
         raw()
         rates = alternate({"raw_bytes": raw,
                            "pyarrow_read_table": lambda: arrow(store.parts, latent_store.table_latents),
-                           "pyarrow_read_table_binary_latent_column": lambda: arrow(binary_parts, binary_latents),
+                           "pyarrow_read_table_binary_latent_column":
+                               lambda: arrow(rewritten["binary"], binary_latents),
+                           "pyarrow_read_table_large_binary_latent_column":
+                               lambda: arrow(rewritten["large_binary"], binary_latents),
+                           "pyarrow_read_table_format_2_list_latent_column":
+                               lambda: arrow(rewritten["list"], latent_store.table_latents),
                            "read_latents_float16": lambda: whole(False),
                            "read_latents_normalized_float32": lambda: whole(True),
                            "latent_dataset_iter_torch_batches_normalized": lambda: ray_torch(True),
                            "latent_dataset_float16_host_batches": lambda: ray_float16(False),
-                           "latent_dataset_float16_normalized_on_device_cpu": lambda: ray_float16(True)},
+                           "latent_dataset_float16_normalized_on_device_cpu": lambda: ray_float16(True),
+                           "store_batches_float16_host_batches": lambda: local(0),
+                           "store_batches_float16_shuffled_host_batches": lambda: local(config["shuffle_rows"]),
+                           "store_batches_float16_shuffled_normalized_on_device_cpu":
+                               lambda: local(config["shuffle_rows"], normalize_on_device=True)},
                           config["repeats"])
         rec.add("batches_per_s", rates)
         ceiling = rates["raw_bytes"]["median"]
@@ -145,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         rec.add("ray_execution_start_s", {"median": float(np.median(startups)), "all": startups})
         old, new = "latent_dataset_iter_torch_batches_normalized", "latent_dataset_float16_normalized_on_device_cpu"
         rec.add("training_path_speedup", rates[new]["median"] / rates[old]["median"])
+        rec.add("goal_store_to_gpu_ready_batches_fraction_of_raw",  # the DiT's path, with its shuffle buffer
+                rates["store_batches_float16_shuffled_host_batches"]["median"] / ceiling)
+        rec.add("store_batches_speedup_over_latent_dataset",
+                rates["store_batches_float16_shuffled_host_batches"]["median"]
+                / rates["latent_dataset_float16_host_batches"]["median"])
         if not torch.cuda.is_available():
             rec.skip("normalize_on_gpu", "no GPU in this run: the step's normalization measured on the CPU")
     finally:
@@ -152,12 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     rec.write()
 
 
-def as_binary_latents(table: pa.Table, shape: tuple[int, int]) -> pa.Table:
-    """``table`` with its latent column as one binary value per row (the same bytes)."""
-    values = latent_store.table_latents(table, shape)
-    offsets = pa.py_buffer(np.arange(len(table) + 1, dtype=np.int64) * values[0].nbytes)
-    column = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(table),
-                                              [None, offsets, pa.py_buffer(np.ascontiguousarray(values))])
+def with_latent_column(table: pa.Table, shape: tuple[int, int], kind: str) -> pa.Table:
+    """``table`` with its latent column as ``binary`` or ``large_binary`` (one value per row, the same
+    bytes), or as format 2's ``list`` (a fixed-size list of float16)."""
+    values = np.ascontiguousarray(latent_store.table_latents(table, shape))
+    if kind == "list":
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), shape[0] * shape[1])
+    else:
+        arrow_type, offset_type = {"binary": (pa.binary(), np.int32), "large_binary": (pa.large_binary(), np.int64)}[kind]
+        offsets = pa.py_buffer(np.arange(len(table) + 1, dtype=offset_type) * values[0].nbytes)
+        column = pa.Array.from_buffers(arrow_type, len(table), [None, offsets, pa.py_buffer(values)])
     index = table.schema.get_field_index(latent_store.LATENT_COLUMN)
     return table.set_column(index, latent_store.LATENT_COLUMN, column)
 
@@ -166,7 +210,8 @@ def binary_latents(table: pa.Table, shape: tuple[int, int]) -> np.ndarray:
     """The (R, N, C) float16 view of a binary latent column (no copy when it is one chunk)."""
     column = table.column(latent_store.LATENT_COLUMN)
     chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    start = int(np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset])
+    offsets = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+    start = int(np.frombuffer(chunk.buffers()[1], offsets)[chunk.offset])
     return np.frombuffer(chunk.buffers()[2], np.float16)[start // 2:].reshape(-1, *shape)[:len(chunk)]
 
 

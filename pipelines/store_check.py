@@ -65,7 +65,8 @@ def verify_store(url: str, *, stats_rtol: float = 1e-6, storage_options: Storage
         return report
     fs, root = storage.resolve(url, storage_options)
     value_type = latent_store.LATENT_DTYPES[manifest["latent"]["dtype"]][1]
-    expected_type = pa.list_(value_type, n * c)
+    expected_type = (pa.list_(value_type, n * c) if manifest["format_version"] == 2
+                     else pa.binary(n * c * value_type.byte_width))
     num_views = len(manifest["preprocessing"].get("views", ["original"]))
     num_classes = manifest.get("num_classes")
     seen: set[tuple[str, int]] = set()

@@ -1,4 +1,5 @@
-"""Reading a latent store: plain pyarrow for tools, a Ray Dataset for training.
+"""Reading a latent store: plain pyarrow for tools, a Ray Dataset for tools and the benchmarks (DiT
+training reads each rank's share itself: :mod:`pipelines.store_batches`).
 
 Both read only the parts the manifest lists, and refuse a store whose encode has not finished.
 """
@@ -91,8 +92,8 @@ def _normalized(latents: np.ndarray, stats: LatentStats) -> np.ndarray:
 def _to_training_batch(batch: pa.Table, *, shape: tuple[int, int], stats: LatentStats | None,
                       views: list[int] | None) -> dict[str, np.ndarray] | pa.Table:
     """Ray Data batch function on Arrow rows of a part. With ``stats``: ``latent`` float32 (B, N, C),
-    normalized on the CPU, and ``label`` int64. Without: the rows as stored (``latent`` the float16
-    fixed-size list, ``label`` int64), only the chosen views, for :func:`latent_collate_fn`."""
+    normalized on the CPU, and ``label`` int64. Without: the rows as stored (``latent`` as in the
+    part, ``label`` int64), only the chosen views, for :func:`latent_collate_fn`."""
     if views is not None:
         batch = batch.filter(pc.is_in(batch.column("view"), pa.array(views, pa.int8())))
     if stats is None:
@@ -107,7 +108,8 @@ def latent_dataset(url: str, *, normalize: bool = True, views: tuple[int, ...] |
     """The store as a Ray Dataset of ``latent`` and ``label`` (int64).
 
     ``normalize=True``: ``latent`` is float32 (N, C), normalized on the CPU; for tools. ``normalize=False``
-    (training): the rows as stored, ``latent`` the float16 fixed-size list; iterate with
+    (training): the rows as stored, ``latent`` one binary value per row (a store of format version 2:
+    a float16 fixed-size list); iterate with
     ``iter_torch_batches(collate_fn=latent_collate_fn(shape))`` for float16 (B, N, C) tensors made
     without a copy, and normalize them on the training device (``LatentStats.normalizer``): half the
     bytes through Ray's object store and no CPU float pass.
@@ -141,7 +143,8 @@ def latent_batch(table: pa.Table, shape: tuple[int, int]) -> dict[str, torch.Ten
     the Arrow buffers (DLPack: no copy, and no copy of read-only memory either) when the column is one
     chunk; several chunks are joined once."""
     latents, labels = (_one_chunk(table.column(name)) for name in (latent_store.LATENT_COLUMN, "label"))
-    return {"latent": torch.from_dlpack(latents.flatten()).view(-1, *shape), "label": torch.from_dlpack(labels)}
+    values = latent_store.latent_values(latents, shape[0] * shape[1])
+    return {"latent": torch.from_dlpack(values).view(-1, *shape), "label": torch.from_dlpack(labels)}
 
 
 def _one_chunk(column: pa.ChunkedArray) -> pa.Array:

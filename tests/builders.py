@@ -51,6 +51,28 @@ def write_latent_store(url: str, manifest: dict, latents: np.ndarray, labels: Se
     return url
 
 
+def as_format_version_2(url: str) -> str:
+    """Rewrite a complete local store (a path or file:// URL) as format version 2 wrote it: each part's
+    latent column a ``fixed_size_list`` of its values, the manifest's version and layout text 2's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(url.removeprefix("file://"))
+    manifest = latent_store.read_manifest(url)
+    n, c = LatentSpec.from_dict(manifest["latent_spec"], url).shape
+    for part in manifest["parts"]:
+        table = pq.read_table(root / part["path"])
+        flat = pa.array(latent_store.table_latents(table, (n, c)).reshape(-1))
+        index = table.schema.get_field_index(latent_store.LATENT_COLUMN)
+        table = table.set_column(index, latent_store.LATENT_COLUMN, pa.FixedSizeListArray.from_arrays(flat, n * c))
+        pq.write_table(table, root / part["path"], use_dictionary=["key"],
+                       compression={"key": "snappy", "label": "snappy", "view": "snappy", "latent": "none"})
+    manifest.update(format_version=2, latent=dict(
+        manifest["latent"], layout="fixed_size_list of N*C values, row-major (N tokens, C channels)"))
+    latent_store.write_manifest(url, manifest)
+    return url
+
+
 def write_image_folder(root: Path, images: dict[str, dict[str, np.ndarray]]) -> Path:
     """``root/<class>/<file name>`` for every uint8 HWC image, the format chosen by the file name's
     extension (JPEG at quality 95); returns ``root``."""

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from builders import latent_manifest, synthetic_spec, write_latent_store
+from builders import as_format_version_2, latent_manifest, synthetic_spec, write_latent_store
 
 from pipelines import latent_store
 from pipelines.latent_store import StoreMismatchError, check_compatible, finalize, write_shard
@@ -47,10 +47,47 @@ def test_plain_pyarrow_reads_and_reshapes_latents_from_the_manifest_alone(tmp_pa
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     tables = [pq.read_table(tmp_path / part["path"]) for part in manifest["parts"]]
     column = pa.concat_tables(tables).column(manifest["latent"]["column"]).combine_chunks()
-    assert column.type == pa.list_(pa.float16(), N * C)
+    assert manifest["format_version"] == 3 and column.type == pa.binary(N * C * 2)
     spec = manifest["latent_spec"]
-    latents = column.flatten().to_numpy().reshape(-1, spec["grid"] ** 2, spec["channels"])
-    np.testing.assert_array_equal(latents, written["latent"])
+    values = np.frombuffer(column.buffers()[1], "<f2", len(column) * N * C, column.offset * N * C * 2)
+    latents = values.reshape(-1, spec["grid"] ** 2, spec["channels"])
+    np.testing.assert_array_equal(latents.view(np.uint16), written["latent"].view(np.uint16))
+
+
+def test_a_store_of_format_version_2_still_reads_and_verifies_bit_exact(tmp_path):
+    written = synthetic_store(str(tmp_path))
+    as_format_version_2(str(tmp_path))
+    table = pq.read_table(tmp_path / "parts" / "00000-shard-000000.parquet")
+    assert table.schema.field("latent").type == pa.list_(pa.float16(), N * C)
+    read = read_latents(str(tmp_path))["latent"]
+    assert read.dtype == np.float16
+    np.testing.assert_array_equal(read.view(np.uint16), written["latent"].view(np.uint16))
+    report = verify_store(str(tmp_path))
+    assert report.ok and report.rows == 9, report.problems
+
+
+def test_verify_names_a_latent_column_of_the_other_format_version(tmp_path):
+    synthetic_store(str(tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, format_version=2)))
+    problems = verify_store(str(tmp_path)).problems
+    assert problems[0] == (f"parts/00000-shard-000000.parquet: latent column is fixed_size_binary[{N * C * 2}], "
+                           f"manifest says fixed_size_list<item: halffloat>[{N * C}]")
+
+
+def test_a_complete_store_of_format_version_2_serves_a_rerun_of_its_encode(tmp_path):
+    synthetic_store(str(tmp_path))
+    as_format_version_2(str(tmp_path))
+    check_compatible(latent_store.read_manifest(str(tmp_path)), make_manifest(3), str(tmp_path))
+
+
+def test_an_unfinished_store_of_format_version_2_is_not_continued_in_version_3(tmp_path):
+    manifest = dict(make_manifest(3), format_version=2)
+    with pytest.raises(StoreMismatchError) as err:
+        check_compatible(manifest, make_manifest(3), "file:///data/store")
+    assert str(err.value) == (
+        "store file:///data/store is an unfinished encode in format version 2; this rae writes version 3 and will "
+        "not mix the two in one store. Finish it with the rae that started it, or encode into a new --store URL")
 
 
 def test_stats_are_exact_float64_moments_of_the_stored_rows(tmp_path):
@@ -126,7 +163,7 @@ def test_a_store_of_an_older_format_is_refused_with_what_to_do(tmp_path):
     old = {k: v for k, v in manifest.items() if k != "latent_spec"}
     old.update(format_version=1, encoder={"name": "synthetic"}, latent=dict(manifest["latent"], shape=[N, C]))
     (tmp_path / "manifest.json").write_text(json.dumps(old))
-    expected = r"has format version 1; this version of rae reads version 2 .*Re-encode the images with `rae encode`"
+    expected = r"has format version 1; this version of rae reads versions 2, 3 .*Re-encode the images with `rae encode`"
     with pytest.raises(StoreMismatchError, match=expected):
         open_store(str(tmp_path))
     with pytest.raises(StoreMismatchError, match=expected):

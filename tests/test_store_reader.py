@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from builders import CHANNELS, TOKENS, class_latent_store, latent_manifest, synthetic_spec, tiny_dit_config, \
+from builders import CHANNELS, TOKENS, as_format_version_2, class_latent_store, latent_manifest, synthetic_spec, tiny_dit_config, \
     write_latent_store
 
 from jobs.train.dit import DiTTask, store_facts
@@ -31,11 +31,19 @@ def stored_rows(url: str) -> dict[str, np.ndarray]:
     opened = open_store(url)
     tables = [table for _, table in iter_part_tables(opened, columns=["label", latent_store.LATENT_COLUMN])]
     table = pa.concat_tables(tables)
-    flat = table.column(latent_store.LATENT_COLUMN).combine_chunks().flatten().to_numpy()
-    return {"label": table.column("label").to_numpy(), "latent": flat.reshape(len(table), -1).view(np.uint16)}
+    latents = latent_store.table_latents(table, opened.latent_shape)
+    return {"label": table.column("label").to_numpy(), "latent": latents.reshape(len(table), -1).view(np.uint16)}
 
 
-def test_training_batches_are_the_stored_float16_bytes_and_int64_labels(store):
+@pytest.fixture(scope="module")
+def store_v2(tmp_path_factory) -> str:
+    """The same rows in a store of format version 2 (the latent a fixed_size_list of float16)."""
+    return as_format_version_2(class_latent_store(f"file://{tmp_path_factory.mktemp('reader_v2')}/store", rows=48))
+
+
+@pytest.mark.parametrize("store_fixture", ["store", "store_v2"])
+def test_training_batches_are_the_stored_float16_bytes_and_int64_labels(store_fixture, request):
+    store = request.getfixturevalue(store_fixture)
     shape = open_store(store).latent_shape
     batches = list(latent_dataset(store, normalize=False, shuffle_files=False).iter_torch_batches(
         batch_size=16, collate_fn=latent_collate_fn(shape)))
@@ -57,11 +65,25 @@ def test_a_batch_is_a_view_of_the_arrow_buffers_when_it_is_one_chunk(tmp_path):
     with fs.open(path, "rb") as handle:
         table = pq.read_table(handle, columns=["label", latent_store.LATENT_COLUMN]).slice(1, 2)
     batch = latent_batch(table, (TOKENS, CHANNELS))
-    values = table.column(latent_store.LATENT_COLUMN).chunk(0).flatten()
-    assert batch["latent"].data_ptr() == values.buffers()[1].address + values.offset * 2
+    column = table.column(latent_store.LATENT_COLUMN).chunk(0)
+    width = TOKENS * CHANNELS * 2
+    assert column.type == pa.binary(width)
+    assert batch["latent"].data_ptr() == column.buffers()[1].address + column.offset * width
     assert batch["latent"].shape == (2, TOKENS, CHANNELS) and batch["label"].dtype == torch.int64
     two_chunks = pa.concat_tables([table.slice(0, 1), table.slice(1, 1)])
     assert torch.equal(latent_batch(two_chunks, (TOKENS, CHANNELS))["latent"], batch["latent"])
+
+
+def test_a_batch_of_a_format_version_2_store_is_its_stored_values(tmp_path):
+    url = as_format_version_2(class_latent_store(f"file://{tmp_path}/store", rows=8))
+    fs, path = storage.resolve(open_store(url).parts[0])
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle, columns=["label", latent_store.LATENT_COLUMN]).slice(1, 2)
+    values = table.column(latent_store.LATENT_COLUMN).chunk(0).flatten()
+    batch = latent_batch(table, (TOKENS, CHANNELS))
+    assert batch["latent"].data_ptr() == values.buffers()[1].address + values.offset * 2
+    np.testing.assert_array_equal(batch["latent"].numpy().reshape(-1).view(np.uint16),
+                                  values.to_numpy().view(np.uint16))
 
 
 def test_the_views_kept_are_shipped_as_stored(tmp_path):

@@ -48,7 +48,7 @@ def test_a_store_of_an_older_format_is_refused_before_launch(tmp_path):
     manifest = json.loads((tmp_path / "old-store" / "manifest.json").read_text())
     manifest["format_version"] = 1
     (tmp_path / "old-store" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"format version 1; this version of rae reads version 2 .*`rae encode`"):
+    with pytest.raises(ValueError, match=r"format version 1; this version of rae reads versions 2, 3 .*`rae encode`"):
         train_dit(tiny_dit_config(url), run_name="refused", storage=str(tmp_path / "runs"), num_workers=2)
     assert not (tmp_path / "runs").exists()  # nothing launched, no run directory
 

@@ -1,15 +1,15 @@
 """`rae train dit`: DiT^DH flow matching on a latent store, FSDP2 on Ray Train.
 
-The train function reads the store through ``ray.train.get_dataset_shard("train")`` (float16
-latents as stored and labels, split equally across workers; the step normalizes them on the
-training device with the store's statistics, placed there once), takes ``rows // global_batch`` steps per epoch
-on every rank, and hands the model-specific part (build, shard units, loss) to the shared
+Each worker reads its share of the store itself (:class:`pipelines.store_batches.StoreBatches`:
+pyarrow, no Ray Data; float16 latents as stored and labels, equal shares across workers; the step
+normalizes them on the training device with the store's statistics, placed there once), takes
+``rows // global_batch`` steps per epoch on every rank, and hands the model-specific part (build, shard units, loss) to the shared
 scaffold. The store decides the latent space: the model's grid and channels come from its
 latent spec, which the export copies verbatim (with the store's normalization statistics).
 
-Data order: the store's part order is fixed (no per-execution file shuffle) and rows are mixed by
-a local shuffle buffer seeded by (seed, epoch, rank), so a resumed run sees exactly the batches
-the uninterrupted run would have.
+Data order: the store's row groups in an order drawn from (seed, epoch), the same on every rank,
+cut into one contiguous share per rank, whose rows a local shuffle buffer seeded by (seed, epoch,
+rank) mixes; so a resumed run sees exactly the batches the uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from torch import nn
 
 from jobs.train.launch import check_batch_fits, check_run_length, train_task
 from jobs.train.lr_schedule import LRSchedule
-from jobs.train.loop import LoopConfig, OptimConfig, RunContext, SingleModelTask
+from jobs.train.loop import BatchSource, LoopConfig, OptimConfig, RunContext, SingleModelTask
 from pipelines import latent_store, storage
 from pipelines.exports import write_export
+from pipelines.store_batches import StoreBatches, StoreRows
 from rae.dit import build_dit
 from rae.latent_spec import LatentSpec
 from rae.normalization import LatentStats
@@ -103,15 +104,22 @@ class DiTTask(SingleModelTask):
     """The DiT^DH model, its FSDP2 units (trunk blocks, and the DDT head's blocks as their own
     units) and the flow-matching loss; the export carries the store's statistics with it.
 
-    With ``stats`` the batches are the store's rows as stored (``latent_dataset(normalize=False)``,
-    float16) and each step normalizes them on its device; without, they arrive normalized."""
+    With ``stats`` the batches are the store's rows as stored (float16) and each step normalizes them
+    on its device; without, they arrive normalized. With ``rows`` (the store's row groups) each
+    worker reads its own share (:meth:`batch_source`); without, the run's ``train`` Ray Dataset."""
 
     columns = ("latent", "label")
 
-    def __init__(self, config: DiTRunConfig, facts: StoreFacts, stats: LatentStats | None = None) -> None:
+    def __init__(self, config: DiTRunConfig, facts: StoreFacts, stats: LatentStats | None = None,
+                 rows: StoreRows | None = None) -> None:
         super().__init__(config.optim, config.ema_decay)
-        self.config, self.facts, self.stats = config, facts, stats
+        self.config, self.facts, self.stats, self.rows = config, facts, stats, rows
         self.transport = TransportConfig(time_distribution=config.time_distribution)
+
+    def batch_source(self, loop: LoopConfig, rank: int, world: int) -> BatchSource | None:
+        if self.rows is None:
+            return None
+        return StoreBatches(self.rows, rank=rank, world=world, seed=loop.seed, shuffle_buffer=loop.shuffle_buffer)
 
     def collate_fn(self) -> Any:
         if self.stats is None:
@@ -152,7 +160,8 @@ def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, **launch_opt
     """Read the store's facts and check the model fits them, then train (or resume ``run_name``);
     returns Ray's Result. The EMA export lands in ``<storage>/<run_name>/export``. ``launch_options``
     (num_workers, device, max_failures, gpu_wait_s, ...) go to :func:`jobs.train.launch.launch`."""
-    from pipelines.store_reader import latent_dataset, open_store
+    from pipelines.store_batches import store_rows
+    from pipelines.store_reader import open_store
 
     if not config.store:
         raise ValueError("no latent store given: pass --store URL (or store: in the config)")
@@ -160,9 +169,8 @@ def train_dit(config: DiTRunConfig, *, run_name: str, storage: str, **launch_opt
     store = open_store(config.store)
     facts = store_facts(store.manifest, config, config.store)
     check_batch_fits(config.loop, facts.rows, f"the rows of store {config.store}")
-    task = DiTTask(config, facts, store.stats)
+    task = DiTTask(config, facts, store.stats, store_rows(store, views=config.views or None))
     with torch.device("meta"):  # refuse a bad model config (e.g. too narrow) before launching anything
         task.build_model()
-    dataset = latent_dataset(config.store, normalize=False, views=config.views or None, shuffle_files=False)
     return train_task(task, config.loop, rows=facts.rows, run_config=dataclasses.asdict(config), run_name=run_name,
-                      storage=storage, dataset=dataset, **launch_options)
+                      storage=storage, **launch_options)

@@ -235,9 +235,10 @@ def launch(train_fn: Callable[[dict], None], config: dict[str, Any], *, run_name
 
 
 def train_task(task: Any, loop: Any, *, rows: int, run_config: dict[str, Any], run_name: str, storage: str,
-               dataset: Any, **launch_options: Any):
+               dataset: Any = None, **launch_options: Any):
     """Train ``task`` (a :class:`jobs.train.loop.Task`, built on the driver and set up on each worker)
-    with ``loop`` on ``dataset``; at the end rank 0 writes the export to ``<storage>/<run_name>/export``.
+    with ``loop`` on ``dataset`` (a Ray Dataset; None when the task reads its data itself,
+    ``Task.batch_source``); at the end rank 0 writes the export to ``<storage>/<run_name>/export``.
     Both ``rae train decoder`` and ``rae train dit`` come through here; returns Ray's ``Result``.
     While the console is quiet (:mod:`jobs.console`), rank 0's progress comes back through a queue."""
     from jobs.console import worker_progress
@@ -247,7 +248,8 @@ def train_task(task: Any, loop: Any, *, rows: int, run_config: dict[str, Any], r
     with worker_progress() as progress_sink:
         payload = {"task": task, "loop": loop, "rows": rows, "run_config": run_config, "run_name": run_name,
                    "export_url": export_url(absolute_storage(storage), run_name), "progress_sink": progress_sink}
-        return launch(_fit_task, payload, run_name=run_name, storage=storage, datasets={"train": dataset},
+        datasets = {"train": dataset} if dataset is not None else None
+        return launch(_fit_task, payload, run_name=run_name, storage=storage, datasets=datasets,
                       keep_checkpoints=loop.keep_checkpoints, **launch_options)
 
 
@@ -300,8 +302,10 @@ def _fit_task(payload: dict[str, Any]) -> None:
 
     send_to(payload.get("progress_sink"))
     task, loop = payload["task"], payload["loop"]
-    rank = ray.train.get_context().get_world_rank()
-    fit(task, loop, run_name=payload["run_name"], rows=payload["rows"],
-        batches=ray_shard_batches("train", task.columns, loop.shuffle_buffer, loop.seed, rank, task.collate_fn()),
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    batches = task.batch_source(loop, rank, context.get_world_size()) or ray_shard_batches(
+        "train", task.columns, loop.shuffle_buffer, loop.seed, rank, task.collate_fn())
+    fit(task, loop, run_name=payload["run_name"], rows=payload["rows"], batches=batches,
         run_config=payload["run_config"], export=functools.partial(task.write_export, payload["export_url"]))
 

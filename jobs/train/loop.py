@@ -64,7 +64,7 @@ class LoopConfig:
     checkpoint_every_steps: int = 0  # 0: at the end of every epoch
     keep_checkpoints: int = 3
     log_every_steps: int = 50
-    shuffle_buffer: int = 0  # rows in Ray Data's local shuffle buffer; 0: stored order
+    shuffle_buffer: int = 0  # rows in the local shuffle buffer; 0: stored order
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp32
     compile: str = "auto"  # torch.compile each transformer block: auto (CUDA only), on, off
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -114,6 +114,11 @@ class Task(ABC):
     def collate_fn(self) -> Any:
         """How this rank's Ray Data batches become tensors (``iter_torch_batches(collate_fn=...)``),
         built in the worker; None: Ray's default."""
+        return None
+
+    def batch_source(self, loop: LoopConfig, rank: int, world: int) -> BatchSource | None:
+        """This rank's batches when the task reads its data itself, built in the worker (``world``: the
+        attempt's worker count, which an elastic run changes); None: the ``train`` Ray Dataset's shard."""
         return None
 
     @abstractmethod
