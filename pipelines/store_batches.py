@@ -153,8 +153,13 @@ class StoreBatches:
     def _read(self, piece: Piece) -> pa.Table:
         views = self.rows.views
         columns = ["label", latent_store.LATENT_COLUMN] + (["view"] if views is not None else [])
-        with _parquet_file(piece.group.part, self.rows.storage_options) as part:
-            table = part.read_row_group(piece.group.index, columns=columns)
+        try:
+            with _parquet_file(piece.group.part, self.rows.storage_options) as part:
+                table = part.read_row_group(piece.group.index, columns=columns)
+        except (OSError, pa.ArrowException) as error:
+            raise OSError(f"store part {piece.group.part} (row group {piece.group.index}) could not be read: "
+                          f"{error}. It changed after the run was planned, or is damaged: check the store with "
+                          f"`rae store verify`") from error
         if views is not None:
             table = table.filter(_kept_mask(table, views))
         return table.slice(piece.start, piece.stop - piece.start)

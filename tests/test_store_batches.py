@@ -196,7 +196,8 @@ def test_a_part_that_cannot_be_read_fails_the_stream_with_its_error(grouped_stor
     reader = source(grouped_store)
     for part in open_store(grouped_store).parts:
         open(part.removeprefix("file://"), "wb").close()  # emptied after the run was planned
-    with pytest.raises(Exception, match="(?i)parquet|size|magic"):
+    with pytest.raises(OSError, match=r"store part file://\S+\.parquet \(row group \d+\) could not be read: .*"
+                                      r"(?i:parquet|size|magic).*rae store verify"):
         list(reader(0, 1))
 
 
