@@ -182,7 +182,8 @@ def _run_pipeline(config: EncodeConfig, encoder: RepresentationEncoder, manifest
             # process, where importing this module's torch and timm made each ~0.9 GB). A whole CPU
             # each, and no more of them at once than encoder actors feed them: a commit takes a
             # fraction of an encode, so more would only hold more shards' latents in memory.
-            ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=1, concurrency=pool.max_size,
+            ds = ds.map_batches(commit_shard_batch, batch_size=1, num_cpus=1,
+                                compute=ray.data.TaskPoolStrategy(size=pool.max_size),
                                 fn_kwargs=commit_kwargs)
         return ds
 
