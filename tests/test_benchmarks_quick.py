@@ -71,13 +71,16 @@ def test_encode_quick_compares_ray_with_the_plain_loop(shared_ray, tmp_path):
     # The shipped CPU actor takes the cluster's CPUs (2 here) for its one actor, not Ray's one thread.
     assert breakdown["actor_threads"] == min(2, len(os.sched_getaffinity(0)))
     assert results["time_breakdown"]["ray_one_thread"][0]["actor_threads"] == 1
-    # The job's processes, sampled: the commit tasks' worker processes never load torch (this test
-    # runs first in the module, so no earlier job's torch-loaded worker is there to be reused).
+    # The job's processes, sampled every 0.2 s: the CPU tasks' worker processes (decode, and the
+    # commits, which Ray runs in the same reused processes) never load torch (this test runs first in
+    # the module, so no earlier job's torch-loaded worker is there to be reused). A commit takes a few
+    # milliseconds on a quiet machine, so its own title is caught only sometimes; the process is not.
     processes = results["ray_job_processes"][0]
-    commit = processes["by_task"]["ray::MapBatches(commit_shard_batch)"]
-    assert commit["processes"] >= 1 and commit["with_torch"] == 0, processes
+    cpu_tasks = {title: row for title, row in processes["by_task"].items() if title.startswith("ray::MapBatches(")}
+    assert "ray::MapBatches(decode_shard_batch)" in cpu_tasks, processes
+    assert all(row["processes"] >= 1 and row["with_torch"] == 0 for row in cpu_tasks.values()), processes
     assert processes["by_task"]["ray::MapWorker(MapBatches(TracedLatentEncoder))"]["with_torch"] == 1
-    assert processes["peak_rss_sum_mib"] >= commit["peak_rss_mib"] > 0
+    assert processes["peak_rss_sum_mib"] >= max(row["peak_rss_mib"] for row in cpu_tasks.values()) > 0
 
 
 def test_train_step_quick_times_ray_and_plain_on_the_same_task(shared_ray, tmp_path):
