@@ -130,4 +130,3 @@ def test_the_dit_step_normalizes_the_stored_float16_on_its_device(store, monkeyp
     task.per_sample_loss(task.model, {"latent": z, "label": torch.zeros(8, dtype=torch.int64)})
     assert seen[0].dtype == torch.float32
     torch.testing.assert_close(seen[0], opened.stats.normalize(z), rtol=0, atol=0)
-    assert task.collate_fn() is not None

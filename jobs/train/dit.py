@@ -121,13 +121,6 @@ class DiTTask(SingleModelTask):
             return None
         return StoreBatches(self.rows, rank=rank, world=world, seed=loop.seed, shuffle_buffer=loop.shuffle_buffer)
 
-    def collate_fn(self) -> Any:
-        if self.stats is None:
-            return None
-        from pipelines.store_reader import latent_collate_fn
-
-        return latent_collate_fn(self.facts.latent_spec.shape)
-
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
         self.normalize = self.stats.normalizer(ctx.device) if self.stats is not None else None
