@@ -123,21 +123,42 @@ def measure(root: Path, name: str, variant: Variant, base_overrides: dict[str, A
 
 @dataclasses.dataclass(frozen=True)
 class DecoderPrototype:
-    """One decoder lever measured in-process: the demo's decoder and loss (L1 + the offline perceptual
-    loss, no GAN) on latents encoded once, so each step is the decoder's own cost."""
+    """One decoder lever measured in-process, as the demo's decoder run trains: a random ``image_size``
+    crop of each stored crop (resized as `crop_sizes` says) drawn every step and encoded by the frozen
+    encoder, L1 + the offline perceptual loss, optionally the GAN phase for the last ``gan_steps``
+    steps (the discriminator from ``disc_lead_steps`` before), EMA, linear warmup then a linear decay
+    to ``final_lr_fraction`` of ``lr`` (1.0: a constant rate, so one long run gives the curve over
+    steps). At every ``eval_every`` steps the EMA decoder is scored on the held-out crops: PSNR, and
+    the decoder's ceiling for samples (its reconstructions' class consistency and FD ratio, the
+    report's measures)."""
 
     encoder_input_size: int = 56
     crop_size: int = 96
-    noise_tau: float = 0.0
+    noise_tau: float = 0.8
     perceptual_weight: float = 1.0
     width: int = 256
     depth: int = 4
-    steps: int = 300
+    steps: int = 192  # the demo's 16 epochs of 384 crops at batch 32
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    final_lr_fraction: float = 0.1
+    gan_steps: int = 0
+    disc_lead_steps: int = 12
+    eval_every: int = 96
+    batch: int = 32
+    classes: int = 8  # the demo's photographs, crops per class for training and held out
+    train_per_class: int = 48
+    val_per_class: int = 8
 
 
 DECODER_PROTOTYPES = {
     "grid4": DecoderPrototype(),
-    "grid4-tau0.8": DecoderPrototype(noise_tau=0.8),
+    "grid4-tau0": DecoderPrototype(noise_tau=0.0),
+    "grid4-lr2e-3": DecoderPrototype(lr=2e-3),
+    "grid4-lr2e-3-tau0": DecoderPrototype(lr=2e-3, noise_tau=0.0),
+    "grid4-lr4e-3": DecoderPrototype(lr=4e-3),
+    "grid4-lr2e-3-gan24": DecoderPrototype(lr=2e-3, gan_steps=24),  # the demo's GAN phase: epochs 14-16 of 16
+    "grid4-lr2e-3-constant-768": DecoderPrototype(lr=2e-3, final_lr_fraction=1.0, steps=768),
     "grid8": DecoderPrototype(encoder_input_size=112, crop_size=128),
 }
 
@@ -152,61 +173,99 @@ def _photo_crops(root: Path, split: str, size: int) -> tuple[np.ndarray, np.ndar
 
 
 def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[str, Any]:
-    """Held-out PSNR of the EMA decoder at a few step counts, and seconds per step."""
+    """Held-out PSNR and the decoder's ceiling for samples against steps, and seconds per step."""
     import copy
 
     import torch
 
     from jobs.demo.photos import make_demo_images
-    from jobs.demo.report import psnr
+    from jobs.demo.report import frechet, nearest_centroid_accuracy, pooled_features, psnr
+    from pipelines.decoder_crops import crop_sizes, random_crops
     from rae.decoder import build_decoder
     from rae.decoder_loss import DecoderLoss, DecoderLossConfig
+    from rae.discriminator import build_discriminator
     from rae.ema import EMA
     from rae.encoders import OFFLINE_ENCODER, load_encoder
     from rae.image_tensors import to_uint8_images, to_unit_images
     from rae.perceptual import build_perceptual_loss
 
     torch.manual_seed(seed)
-    images = make_demo_images(root / f"images-{proto.crop_size}", size=proto.crop_size, seed=seed)
+    images = make_demo_images(root / f"images-{proto.crop_size}", classes=proto.classes,
+                              train_per_class=proto.train_per_class, val_per_class=proto.val_per_class,
+                              size=proto.crop_size, seed=seed)
     encoder = load_encoder(OFFLINE_ENCODER, input_size=proto.encoder_input_size)
     size = encoder.spec.image_size
-    train, _ = _photo_crops(images.train.parent, "train", size)
-    val, _ = _photo_crops(images.val.parent, "val", size)
+    resize, _ = crop_sizes(size)
+    stored, _ = _photo_crops(images.train.parent, "train", resize)
+    train, train_labels = _photo_crops(images.train.parent, "train", size)
+    val, val_labels = _photo_crops(images.val.parent, "val", size)
+    classes = int(train_labels.max()) + 1
+    train_features, val_features = pooled_features(encoder, train), pooled_features(encoder, val)
+    centroids = np.stack([train_features[train_labels == c].mean(0) for c in range(classes)])
+    heldout_fd = frechet(val_features, train_features)
     with torch.no_grad():
-        z_train = torch.cat([encoder(to_unit_images(torch.from_numpy(train[i:i + 64]))) for i in range(0, len(train), 64)])
         z_val = encoder(to_unit_images(torch.from_numpy(val)))
     decoder = build_decoder("tiny", latent_channels=encoder.spec.channels, grid=encoder.spec.grid,
                             noise_tau=proto.noise_tau, width=proto.width, depth=proto.depth, heads=4,
                             mlp_dim=4 * proto.width, image_mean=tuple(encoder.spec.mean), image_std=tuple(encoder.spec.std))
-    loss = DecoderLoss(DecoderLossConfig(perceptual_weight=proto.perceptual_weight),
-                       perceptual=build_perceptual_loss("efficientnet-lite0"), discriminator=None)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    # The GAN phase's "epochs" are steps here: D from steps - gan - lead, its term from steps - gan.
+    never = float(proto.steps + 1)
+    discriminator = build_discriminator(OFFLINE_ENCODER, input_size=proto.encoder_input_size) if proto.gan_steps else None
+    loss = DecoderLoss(DecoderLossConfig(
+        perceptual_weight=proto.perceptual_weight,
+        disc_start_epoch=float(proto.steps - proto.gan_steps - proto.disc_lead_steps) if proto.gan_steps else never,
+        gan_start_epoch=float(proto.steps - proto.gan_steps) if proto.gan_steps else never),
+        perceptual=build_perceptual_loss("efficientnet-lite0"), discriminator=discriminator)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=proto.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    disc_optimizer = (torch.optim.AdamW(discriminator.trainable_parameters(), lr=proto.lr, betas=(0.9, 0.95),
+                                        weight_decay=0.0) if discriminator else None)
     ema = EMA(decoder, 0.97)
-    real_train = to_unit_images(torch.from_numpy(train))
-    generator = torch.Generator().manual_seed(seed)
-    curve, seconds = {}, 0.0
+    rng = np.random.default_rng(seed)
+    curve, seconds, encoder_seconds = {}, 0.0, 0.0
     for step in range(1, proto.steps + 1):
         started = time.perf_counter()
-        pick = torch.randint(0, len(train), (32,), generator=generator)
+        warm = min(1.0, step / proto.warmup_steps) if proto.warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = proto.lr * warm * (1 - (1 - proto.final_lr_fraction) * step / proto.steps)
+        real = to_unit_images(torch.from_numpy(random_crops(stored[rng.integers(0, len(stored), proto.batch)], size, rng)))
+        with torch.inference_mode():
+            latent = encoder(real)
+        latent = latent.clone()
+        encoder_seconds += time.perf_counter() - started
         decoder.train()
-        total, _ = loss.generator_loss(real_train[pick], decoder(decoder.augment_with_noise(z_train[pick])), epoch=0.0,
+        if discriminator is not None:
+            discriminator.eval()
+        total, _ = loss.generator_loss(real, decoder(decoder.augment_with_noise(latent)), epoch=float(step),
                                        last_layer_weight=decoder.last_layer_weight)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
         ema.update(decoder)
+        if loss.discriminator_active(float(step)):
+            with torch.no_grad():
+                fake = decoder.eval()(latent)
+            decoder.train()
+            discriminator.train()
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss, _ = loss.discriminator_loss(real, fake, epoch=float(step))
+            disc_loss.backward()
+            disc_optimizer.step()
         seconds += time.perf_counter() - started
-        if step in (proto.steps // 3, 2 * proto.steps // 3, proto.steps):
+        if step % proto.eval_every == 0 or step == proto.steps:
             averaged = copy.deepcopy(decoder).eval()
             averaged.load_state_dict(ema.shadow)
             with torch.no_grad():
                 recon = to_uint8_images(averaged(z_val)).numpy()
-            curve[step] = round(float(psnr(val, recon).mean()), 2)
+            recon_features = pooled_features(encoder, recon)
+            curve[step] = {"seconds": round(seconds, 1), "psnr_db": round(float(psnr(val, recon).mean()), 2),
+                           "ceiling_class_consistency": round(nearest_centroid_accuracy(recon_features, val_labels, centroids), 3),
+                           "ceiling_fd_ratio": round(frechet(recon_features, train_features) / heldout_fd, 2)}
     mean_image = np.broadcast_to(train.mean(axis=0).round().astype(np.uint8), val.shape)
-    return {"prototype": dataclasses.asdict(proto), "image_size": size, "psnr_db_by_step": curve,
+    return {"prototype": dataclasses.asdict(proto), "image_size": size, "by_step": curve,
             "mean_image_psnr_db": round(float(psnr(val, mean_image).mean()), 2),
-            "seconds_per_step": round(seconds / proto.steps, 3), "train_images": len(train), "val_images": len(val),
-            "loadavg_end": list(os.getloadavg())}
+            "class_consistency_real_heldout": round(nearest_centroid_accuracy(val_features, val_labels, centroids), 3),
+            "seconds_per_step": round(seconds / proto.steps, 3), "encoder_seconds_per_step": round(encoder_seconds / proto.steps, 3),
+            "train_images": len(train), "val_images": len(val), "loadavg_end": list(os.getloadavg())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,12 +278,18 @@ class DiTPrototype:
     encoder_input_size: int = 56
     crop_size: int = 96
     steps: int = 480  # the demo's 20 epochs of 768 latents (flips included) at batch 32
+    lr: float = 5e-4  # constant: one long run gives the curve over steps
+    eval_every: int = 0  # also sample and score at every this many steps (0: at the end only)
     cfg_scales: tuple[float, ...] = (1.0, 2.0, 4.0)
     samples_per_class: int = 8
     sample_steps: int = 50
+    classes: int = 8
+    train_per_class: int = 48
+    val_per_class: int = 8
 
 
-DIT_PROTOTYPES = {"grid4": DiTPrototype(), "grid8": DiTPrototype(encoder_input_size=112, crop_size=128)}
+DIT_PROTOTYPES = {"grid4": DiTPrototype(), "grid8": DiTPrototype(encoder_input_size=112, crop_size=128),
+                  "grid4-lr2e-3-1200": DiTPrototype(lr=2e-3, steps=1200, eval_every=240, cfg_scales=(1.0, 3.0))}
 
 
 def measure_dit(root: Path, proto: DiTPrototype, seed: int = 0) -> dict[str, Any]:
@@ -242,7 +307,9 @@ def measure_dit(root: Path, proto: DiTPrototype, seed: int = 0) -> dict[str, Any
     from rae.transport import TransportConfig, training_loss
 
     torch.manual_seed(seed)
-    images = make_demo_images(root / f"images-{proto.crop_size}", size=proto.crop_size, seed=seed)
+    images = make_demo_images(root / f"images-{proto.crop_size}", classes=proto.classes,
+                              train_per_class=proto.train_per_class, val_per_class=proto.val_per_class,
+                              size=proto.crop_size, seed=seed)
     encoder = load_encoder(OFFLINE_ENCODER, input_size=proto.encoder_input_size)
     train, labels = _photo_crops(images.train.parent, "train", encoder.spec.image_size)
     val, val_labels = _photo_crops(images.val.parent, "val", encoder.spec.image_size)
@@ -255,11 +322,31 @@ def measure_dit(root: Path, proto: DiTPrototype, seed: int = 0) -> dict[str, Any
     classes = int(labels.max()) + 1
     mean, std = z.mean(0), (z.var(0) + 1e-5).sqrt()
     model = build_dit("ditdh-tiny", latent_channels=encoder.spec.channels, grid=encoder.spec.grid, num_classes=classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=proto.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ema = EMA(model, 0.99)
     generator = torch.Generator().manual_seed(seed)
-    seconds = 0.0
-    for _ in range(proto.steps):
+    pooled = z[:len(train)].double().mean(1).numpy()
+    centroids = np.stack([pooled[labels == c].mean(0) for c in range(classes)])
+    wanted = torch.arange(classes).repeat_interleave(proto.samples_per_class)
+    heldout_fd = frechet(z_val.double().mean(1).numpy(), pooled)
+
+    def score() -> dict[str, Any]:
+        averaged = copy.deepcopy(model).eval()
+        averaged.load_state_dict(ema.shadow)
+        by_scale = {}
+        for scale in proto.cfg_scales:
+            with torch.no_grad():
+                drawn = sample(classifier_free_guidance(averaged, wanted, scale, null_class=classes),
+                               (len(wanted), *z.shape[1:]), config=SamplerConfig(num_steps=proto.sample_steps),
+                               generator=torch.Generator().manual_seed(seed)) * std + mean
+            features = drawn.double().mean(1).numpy()
+            fd = frechet(features, pooled)
+            by_scale[str(scale)] = {"class_consistency_latent": round(nearest_centroid_accuracy(features, wanted.numpy(), centroids), 3),
+                                    "fd_latent": round(fd, 2), "fd_ratio_latent": round(fd / heldout_fd, 2)}
+        return by_scale
+
+    seconds, by_step = 0.0, {}
+    for step in range(1, proto.steps + 1):
         started = time.perf_counter()
         pick = torch.randint(0, len(z), (32,), generator=generator)
         model.train()
@@ -270,23 +357,10 @@ def measure_dit(root: Path, proto: DiTPrototype, seed: int = 0) -> dict[str, Any
         optimizer.step()
         ema.update(model)
         seconds += time.perf_counter() - started
-    averaged = copy.deepcopy(model).eval()
-    averaged.load_state_dict(ema.shadow)
-    pooled = z[:len(train)].double().mean(1).numpy()
-    centroids = np.stack([pooled[labels == c].mean(0) for c in range(classes)])
-    wanted = torch.arange(classes).repeat_interleave(proto.samples_per_class)
-    heldout_fd = frechet(z_val.double().mean(1).numpy(), pooled)
-    by_scale = {}
-    for scale in proto.cfg_scales:
-        with torch.no_grad():
-            drawn = sample(classifier_free_guidance(averaged, wanted, scale, null_class=classes),
-                           (len(wanted), *z.shape[1:]), config=SamplerConfig(num_steps=proto.sample_steps),
-                           generator=torch.Generator().manual_seed(seed)) * std + mean
-        features = drawn.double().mean(1).numpy()
-        fd = frechet(features, pooled)
-        by_scale[str(scale)] = {"class_consistency_latent": round(nearest_centroid_accuracy(features, wanted.numpy(), centroids), 3),
-                                "fd_latent": round(fd, 2), "fd_ratio_latent": round(fd / heldout_fd, 2)}
-    return {"prototype": dataclasses.asdict(proto), "by_cfg_scale": by_scale, "fd_heldout_latent": round(heldout_fd, 2),
+        if proto.eval_every and step % proto.eval_every == 0 and step != proto.steps:
+            by_step[step] = {"loss": round(float(loss.detach()), 4), "by_cfg_scale": score()}
+    return {"prototype": dataclasses.asdict(proto), "by_cfg_scale": score(), "by_step": by_step,
+            "final_loss": round(float(loss.detach()), 4), "fd_heldout_latent": round(heldout_fd, 2),
             "class_consistency_real_heldout_latent": round(nearest_centroid_accuracy(
                 z_val.double().mean(1).numpy(), val_labels, centroids), 3),
             "seconds_per_step": round(seconds / proto.steps, 3), "loadavg_end": list(os.getloadavg())}

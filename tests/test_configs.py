@@ -265,3 +265,17 @@ def test_demo_run_configs_are_the_papers_shrunk_to_the_demo():
     dit = dit_run_config(demo, "store")
     assert (dit.store, dit.model, dit.loop.epochs, dit.optim.schedule.hold_epochs,
             dit.optim.schedule.decay_end_epoch, dit.ema_decay) == ("store", demo.dit_model, 60, 30, 60, demo.dit_ema)
+
+
+def test_the_demos_gan_phase_is_off_by_default_and_set_by_both_epochs():
+    from jobs.demo.run import decoder_run_config
+
+    loss = decoder_run_config(built("demo"), "shards").loss
+    epochs = built("demo").decoder_epochs
+    assert min(loss.disc_start_epoch, loss.gan_start_epoch) > epochs  # the discriminator never runs
+    loss = decoder_run_config(built("demo", "--set", "gan_start_epoch=14", "--set", "disc_start_epoch=13"), "s").loss
+    assert (loss.disc_start_epoch, loss.gan_start_epoch) == (13.0, 14.0)
+    with pytest.raises(ValueError, match="set both gan_start_epoch and disc_start_epoch"):
+        decoder_run_config(built("demo", "--set", "gan_start_epoch=14"), "s")
+    with pytest.raises(ValueError, match="DemoConfig.disc_start_epoch: expected an epoch number, got 'soon'"):
+        decoder_run_config(built("demo", "--set", "gan_start_epoch=14", "--set", "disc_start_epoch=soon"), "s")

@@ -273,3 +273,29 @@ def test_levers_benchmark_quick_resamples_a_finished_demo(demo, tmp_path):
     for row in (base, cfg2):
         assert 0.0 <= row["class_consistency"] <= 1.0 and row["fd_ratio"] >= 0.0
     assert (workdir / "stages" / "sample.json").exists()  # the base workdir is left as it was
+
+
+def test_levers_benchmark_prototypes_train_score_and_time_each_lever(tmp_path):
+    """The in-process prototypes behind benchmarks/README.md's lever curves, at a few steps: the
+    decoder's curve (PSNR and its ceiling for samples, with the GAN phase at the end) and the DiT's
+    (latent-space consistency per CFG scale at each scoring step)."""
+    from benchmarks.bench_demo_levers import DecoderPrototype, DiTPrototype, measure_decoder, measure_dit
+
+    few = {"classes": 3, "train_per_class": 8, "val_per_class": 4}
+    decoder = measure_decoder(tmp_path, DecoderPrototype(width=32, depth=1, steps=4, gan_steps=2, disc_lead_steps=1,
+                                                         eval_every=2, lr=2e-3, batch=8, **few))
+    assert sorted(decoder["by_step"]) == [2, 4]
+    for point in decoder["by_step"].values():
+        assert 5.0 < point["psnr_db"] < 40.0 and 0.0 <= point["ceiling_class_consistency"] <= 1.0
+        assert point["ceiling_fd_ratio"] > 0.0
+    assert decoder["by_step"][4]["seconds"] > decoder["by_step"][2]["seconds"] > 0.0
+    # real held-out crops, scored as the reconstructions are: the encoder tells the photographs apart
+    assert decoder["class_consistency_real_heldout"] > 0.5
+    assert decoder["train_images"] == 3 * 8 and decoder["val_images"] == 3 * 4
+    dit = measure_dit(tmp_path, DiTPrototype(steps=4, eval_every=2, cfg_scales=(1.0, 3.0), samples_per_class=2,
+                                             sample_steps=2, lr=2e-3, **few))
+    assert sorted(dit["by_step"]) == [2] and sorted(dit["by_cfg_scale"]) == ["1.0", "3.0"]
+    for scores in (dit["by_step"][2]["by_cfg_scale"], dit["by_cfg_scale"]):
+        for scale in scores.values():
+            assert 0.0 <= scale["class_consistency_latent"] <= 1.0 and scale["fd_ratio_latent"] > 0.0
+    assert dit["class_consistency_real_heldout_latent"] > 0.5

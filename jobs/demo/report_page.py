@@ -15,6 +15,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
+WORD_GAP = 5  # px between words: Pillow's default font draws a space 2 px wide, which reads as none
+
+
+def _draw_words(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str) -> None:
+    x, y = at
+    for word in text.split():
+        draw.text((x, y), word, fill=(0, 0, 0))
+        x += draw.textlength(word) + WORD_GAP
+
+
 def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, scale: int = 2,
                gap: int = 2, label_width: int = 150,
                column_labels: list[tuple[int, str]] | None = None) -> Image.Image:
@@ -29,11 +39,11 @@ def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, scal
                        (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for column, text in column_labels or []:
-        draw.text((left + gap + column * (cell_w + gap), 3), text, fill=(0, 0, 0))
+        _draw_words(draw, (left + gap + column * (cell_w + gap), 3), text)
     for r, row in enumerate(rows):
         y = top + gap + r * (cell_h + gap)
         if row_labels:
-            draw.text((6, y + cell_h // 2 - 6), row_labels[r], fill=(0, 0, 0))
+            _draw_words(draw, (6, y + cell_h // 2 - 6), row_labels[r])
         for c, image in enumerate(row):
             tile = Image.fromarray(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             canvas.paste(tile, (left + gap + c * (cell_w + gap), y))
