@@ -278,13 +278,13 @@ def page(config, metrics: dict, latents, classes: list[str], *, per_class: int, 
             (name, seconds, yes[name in reused]) for name, seconds in timings.items()
             if name not in ("total", "this_invocation")] + [("total", timings["total"], ""),
                                                             ("this invocation", timings["this_invocation"], "")])))
+    gan = (f"GAN from epoch {float(config.gan_start_epoch):g}" if config.gan_start_epoch is not None
+           else "no GAN phase (at this size it did not help: benchmarks/README.md)")
     demo_side = {"images": f"{len(classes)} photographs, {config.train_per_class} crops each, "
                            f"{latents.image_size} px", "encoder": f"{latents.encoder}, {latents.input_size} px input",
                  "tokens": f"{latents.grid}x{latents.grid} = {latents.tokens}", "channels": latents.channels,
                  "decoder": f"width {config.decoder_width}, depth {config.decoder_depth}, "
-                            f"{config.decoder_epochs} epochs, " + (
-                                f"GAN from epoch {float(config.gan_start_epoch):g}" if config.gan_start_epoch is not None
-                                else "no GAN phase (at this size it did not help: benchmarks/README.md)"), "dit": f"{config.dit_model}, {config.dit_epochs} epochs"}
+                            f"{config.decoder_epochs} epochs, {gan}", "dit": f"{config.dit_model}, {config.dit_epochs} epochs"}
     sections.append(Section("How the full-size method differs", [
         "The paper (Representation Autoencoders, DiT^DH) runs the same chain at a scale this demo cannot: "
         "its FID is measured on 50,000 samples against ImageNet, which needs a GPU cluster; the demo's three "
