@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
+from ray_lines import without_ray_lines
 
 from pipelines.image_decode import DecodeLimits, center_crop_arr, decode_image, decode_shard
 from pipelines.shards import ShardInfo
@@ -212,7 +213,7 @@ def test_encode_with_a_garbage_weights_file_is_one_line_naming_it(tmp_path, caps
     (tmp_path / weights).write_bytes(b"garbage garbage garbage garbage")
     code = main(["encode", "--shards", str(tmp_path), "--store", str(tmp_path / "store"), "--encoder", "dinov2-s-reg4",
                  "--encoder-weights", str(tmp_path / weights), "--device", "cpu", "--no-progress"])
-    err = capsys.readouterr().err
+    err = without_ray_lines(capsys.readouterr().err)
     assert code == 2
     assert err.startswith(f"rae encode: error: weights file {tmp_path / weights} {message}")
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -235,7 +236,7 @@ def encode_cli(tmp_path, monkeypatch, capsys):
     def run(store: str) -> tuple[int, str]:
         code = main(["encode", "--shards", str(tmp_path / "shards"), "--store", store, "--device", "cpu",
                      "--no-progress"])
-        return code, capsys.readouterr().err
+        return code, without_ray_lines(capsys.readouterr().err)
 
     return run
 
@@ -311,7 +312,7 @@ def s3_cli(s3, monkeypatch, capsys):
 
     def run(*args: str) -> tuple[int, str]:
         code = main(list(args))
-        return code, capsys.readouterr().err
+        return code, without_ray_lines(capsys.readouterr().err)
 
     yield run
     s3fs.S3FileSystem.clear_instance_cache()

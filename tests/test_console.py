@@ -185,3 +185,28 @@ def test_our_log_lines_follow_stderr_after_the_previous_one_was_closed(monkeypat
     monkeypatch.setattr(sys, "stderr", second)
     logging.getLogger("pipelines.encode").info("second line")
     assert second.getvalue() == "second line\n"
+
+
+def test_tests_tell_rays_forwarded_lines_from_the_commands_own():
+    """A CI machine's disk over 95% full made the raylet's warning land in a captured stderr that a
+    test compared whole; those tests compare the command's lines. The lines here are Ray's own
+    format (its ``print_worker_logs``), so a change of that format fails this test, not CI's."""
+    import io
+
+    from ray._private.worker import print_worker_logs
+    from ray_lines import is_ray_forwarded, without_ray_lines
+
+    forwarded = io.StringIO()
+    for source in ({"pid": "raylet", "ip": "10.0.0.2"},
+                   {"pid": 4242, "actor_name": "MapWorker(MapBatches(EncoderActor))", "ip": "10.0.0.3"},
+                   {"pid": 77, "task_name": "commit_shard_batch", "ip": "127.0.0.1", "localhost": "127.0.0.1"}):
+        print_worker_logs({**source, "lines": ["/tmp/ray/session_x is over 95% full, available space: 6 GB"],
+                           "is_err": True}, forwarded)
+    ours = ("rae encode: error: cannot write /data/store/manifest.json: no space left on its device\n"
+            "[dit] step 12/768 loss 0.41 (ema)\n"
+            "Ray's log: /tmp/rae-logs/rae-encode.log (--verbose shows it here)\n")
+    forwarded_lines = forwarded.getvalue().splitlines(keepends=True)
+    assert len(forwarded_lines) == 3 and all(map(is_ray_forwarded, forwarded_lines)), forwarded_lines
+    mixed = forwarded_lines[0] + ours.splitlines(keepends=True)[0] + "".join(forwarded_lines[1:]) \
+        + "".join(ours.splitlines(keepends=True)[1:])
+    assert without_ray_lines(mixed) == ours

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from builders import as_format_version_2, latent_manifest, synthetic_spec, write_latent_store
+from ray_lines import without_ray_lines
 
 from pipelines import latent_store
 from pipelines.latent_store import StoreMismatchError, check_compatible, finalize, write_shard
@@ -349,7 +350,7 @@ def test_a_damaged_manifest_is_named_as_such(tmp_path, capsys, monkeypatch):
         verify_store(str(tmp_path))
     monkeypatch.delenv("RAE_DEBUG", raising=False)
     assert main(["store", "verify", str(tmp_path)]) != 0
-    err = capsys.readouterr().err.strip()
+    err = without_ray_lines(capsys.readouterr().err).strip()
     assert err.startswith(f"rae store: error: file://{tmp_path}/manifest.json is not valid JSON") and "\n" not in err
     (tmp_path / "manifest.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"manifest.json holds a JSON list, not an object: the store's manifest"):

@@ -23,6 +23,7 @@ import ray
 import yaml
 from conftest import require_namespaces
 from polling import wait_until
+from ray_lines import without_ray_lines
 
 from jobs import namespaces
 from jobs.cli.app import main
@@ -85,7 +86,7 @@ def test_namespace_runs_this_venv_offline_and_forwards_the_callers_variables():
 
 def test_status_of_a_folder_without_a_cluster_is_a_one_line_error(tmp_path, capsys):
     assert main(["cluster", "local", "status", "--dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
+    err = without_ray_lines(capsys.readouterr().err)
     assert err.count("\n") == 1 and f"no local cluster in {tmp_path}" in err and "rae cluster local up" in err
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 from polling import wait_until
+from ray_lines import without_ray_lines
 
 from jobs.cli.app import main
 from jobs.cli.submit import CONFIG_ENV_VARS, SECRET_ENV_VARS, entrypoint_for, runtime_env_for
@@ -148,7 +149,7 @@ def fake_job_server(agent_refusals: int = 0, token_required_on: tuple[str, ...] 
 
 
 def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
+    err = without_ray_lines(capsys.readouterr().err)
     assert err.count("\n") == 1 and err.startswith("rae submit: error: ") and "Traceback" not in err, err
     return err
 

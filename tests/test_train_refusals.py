@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from builders import ROWS, class_latent_store, tiny_dit_config
+from ray_lines import without_ray_lines
 
 from jobs.cli.app import main as cli_main
 from jobs.cli.train import finish_run
@@ -45,7 +46,7 @@ def test_a_global_batch_larger_than_the_store_is_refused_before_launch(store, tm
 def test_the_cli_says_it_in_one_line(store, tmp_path, capsys):
     code = cli_main(["train", "dit", "--run", "r", "--storage", str(tmp_path / "runs"), "--store", store,
                      "--epochs", "0"])
-    err = capsys.readouterr().err
+    err = without_ray_lines(capsys.readouterr().err)
     assert code == 2 and err == ("rae train: error: --epochs 0 (loop.epochs): a run trains at least 1 epoch; "
                                  "pass --epochs N with N >= 1\n")
 
