@@ -159,6 +159,9 @@ DECODER_PROTOTYPES = {
     "grid4-lr4e-3": DecoderPrototype(lr=4e-3),
     "grid4-lr2e-3-gan24": DecoderPrototype(lr=2e-3, gan_steps=24),  # the demo's GAN phase: epochs 14-16 of 16
     "grid4-lr2e-3-constant-768": DecoderPrototype(lr=2e-3, final_lr_fraction=1.0, steps=768),
+    "grid4-lr2e-3-l1": DecoderPrototype(lr=2e-3, perceptual_weight=0.0),  # L1 alone: no perceptual network
+    "grid4-lr2e-3-l1-constant-1152": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, final_lr_fraction=1.0,
+                                                      steps=1152, eval_every=192),
     "grid8": DecoderPrototype(encoder_input_size=112, crop_size=128),
 }
 
@@ -286,10 +289,13 @@ class DiTPrototype:
     classes: int = 8
     train_per_class: int = 48
     val_per_class: int = 8
+    label_init_std: float = 0.02  # the class table's initial scale (DiT's 0.02)
 
 
 DIT_PROTOTYPES = {"grid4": DiTPrototype(), "grid8": DiTPrototype(encoder_input_size=112, crop_size=128),
-                  "grid4-lr2e-3-1200": DiTPrototype(lr=2e-3, steps=1200, eval_every=240, cfg_scales=(1.0, 3.0))}
+                  "grid4-lr2e-3-1200": DiTPrototype(lr=2e-3, steps=1200, eval_every=240, cfg_scales=(1.0, 3.0)),
+                  "grid4-lr2e-3-label1-720": DiTPrototype(lr=2e-3, steps=720, eval_every=240, cfg_scales=(1.0, 3.0),
+                                                          label_init_std=1.0)}
 
 
 def measure_dit(root: Path, proto: DiTPrototype, seed: int = 0) -> dict[str, Any]:
@@ -322,6 +328,8 @@ def measure_dit(root: Path, proto: DiTPrototype, seed: int = 0) -> dict[str, Any
     classes = int(labels.max()) + 1
     mean, std = z.mean(0), (z.var(0) + 1e-5).sqrt()
     model = build_dit("ditdh-tiny", latent_channels=encoder.spec.channels, grid=encoder.spec.grid, num_classes=classes)
+    if proto.label_init_std != 0.02:  # (only then: the other prototypes keep their random stream)
+        torch.nn.init.normal_(model.y_embedder.table.weight, std=proto.label_init_std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=proto.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ema = EMA(model, 0.99)
     generator = torch.Generator().manual_seed(seed)

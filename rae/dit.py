@@ -42,6 +42,9 @@ class DiTConfig:
     head_heads: int = 16
     mlp_ratio: float = 4.0
     class_dropout: float = 0.1
+    # The class table's initial std: DiT's 0.02. In a run of a few hundred steps (the demo) the labels
+    # then barely reach the blocks until ~1000 steps; at 1.0 they do from the start (benchmarks/README.md).
+    label_init_std: float = 0.02
     fourier_features: int = 256
     fourier_scale: float = 1.0
     rope_theta: float = 10000.0
@@ -113,7 +116,7 @@ class DiT(nn.Module):
         d = config.width
         self.x_embedder = nn.Linear(config.token_dim, d)
         self.t_embedder = GaussianFourierEmbedding(d, config.fourier_features, config.fourier_scale)
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout, config.label_init_std)
         grid = config.grid // config.patch_size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid), persistent=False)
         self.rope = RotaryEmbedding2D(d // config.heads, grid, config.rope_theta)
@@ -147,7 +150,7 @@ class DiTDH(nn.Module):
         # Trunk.
         self.s_embedder = nn.Linear(config.token_dim, d)
         self.t_embedder = GaussianFourierEmbedding(d, config.fourier_features, config.fourier_scale)
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout, config.label_init_std)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid), persistent=False)
         self.rope = RotaryEmbedding2D(d // config.heads, grid, config.rope_theta)
         self.blocks = nn.ModuleList(DiTBlock(d, config.heads, config.mlp_ratio) for _ in range(config.depth))

@@ -99,12 +99,12 @@ class LabelEmbedder(nn.Module):
     """Class labels -> vectors. Row `num_classes` is the null class used by classifier-free guidance;
     in training mode each label is replaced by it with probability `dropout`."""
 
-    def __init__(self, num_classes: int, width: int, dropout: float):
+    def __init__(self, num_classes: int, width: int, dropout: float, init_std: float = 0.02):
         super().__init__()
         self.table = nn.Embedding(num_classes + 1, width)
         self.num_classes = num_classes
         self.dropout = dropout
-        nn.init.normal_(self.table.weight, std=0.02)
+        nn.init.normal_(self.table.weight, std=init_std)
 
     def forward(self, y: Tensor) -> Tensor:
         if self.training and self.dropout > 0:

@@ -265,6 +265,10 @@ def test_demo_run_configs_are_the_papers_shrunk_to_the_demo():
     dit = dit_run_config(demo, "store")
     assert (dit.store, dit.model, dit.loop.epochs, dit.optim.schedule.hold_epochs,
             dit.optim.schedule.decay_end_epoch, dit.ema_decay) == ("store", demo.dit_model, 60, 30, 60, demo.dit_ema)
+    assert decoder.loss.perceptual_weight == demo.decoder_perceptual_weight
+    assert dit.model_overrides == {"label_init_std": demo.dit_label_init_std}
+    assert dit_run_config(built("demo", "--set", "dit_label_init_std=0.02"), "s").model_overrides == {
+        "label_init_std": 0.02}
 
 
 def test_the_demos_gan_phase_is_off_by_default_and_set_by_both_epochs():

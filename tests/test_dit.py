@@ -120,6 +120,17 @@ def test_label_dropout_in_training_replaces_labels_by_the_null_class() -> None:
     assert torch.allclose(dropped, null, atol=1e-6)
 
 
+def test_the_class_tables_initial_scale_is_a_config_field_kept_in_the_export() -> None:
+    """DiT's 0.02 by default; the demo's 1.0 lets a short run's labels reach the blocks from the start."""
+    from jobs.model_import import dit_export_kwargs
+
+    torch.manual_seed(0)
+    assert 0.015 < float(_tiny("ditdh-tiny").y_embedder.table.weight.std()) < 0.025
+    wide = _tiny("ditdh-tiny", label_init_std=1.0)
+    assert 0.8 < float(wide.y_embedder.table.weight.std()) < 1.2
+    assert build_dit("ditdh-tiny", **dit_export_kwargs(wide.config)).config == wide.config
+
+
 def test_model_outputs_depend_on_time_and_class() -> None:
     model = _randomize(_tiny()).eval()
     x = torch.randn(2, 16, 8)

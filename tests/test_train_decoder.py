@@ -7,6 +7,7 @@ The perceptual weight is 0.02 here, not the paper's 1.0: the EfficientNet distan
 start, so at 1.0 it swamps L1 (~0.25) and 48 steps are too few to beat the mean image in L1."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -109,6 +110,25 @@ def test_missing_lpips_weights_fall_back_to_efficientnet_loudly(tmp_path, monkey
     assert "LPIPS-VGG IS NOT AVAILABLE" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="--lpips-weights .*nope.pth: no such file"):
         resolve_perceptual(DecoderRunConfig(lpips_weights=str(tmp_path / "nope.pth")))
+
+
+def test_an_l1_alone_run_builds_and_announces_no_perceptual_network(tmp_path, monkeypatch, capsys):
+    """perceptual_weight 0 (the demo's decoder): no network, no LPIPS fallback banner, the first line says
+    L1 alone; a negative weight is refused by name when the config is made."""
+    from jobs.train.decoder import DecoderFacts, describe_loss
+    from rae.decoder_loss import DecoderLossConfig
+
+    monkeypatch.setattr("jobs.train.decoder.default_vgg16_path", lambda: tmp_path / "absent.pth")
+    l1_alone = DecoderRunConfig(loss=DecoderLossConfig(perceptual_weight=0.0))
+    assert resolve_perceptual(l1_alone) == (None, None)
+    assert capsys.readouterr().out == ""
+    facts = DecoderFacts(latent_spec=None, image_mean=(0, 0, 0), image_std=(1, 1, 1), perceptual=None,
+                         perceptual_weights=None, disc_digest="", rows=0, resize=64, crop=56)
+    assert describe_loss(l1_alone, facts) == "loss L1 alone (perceptual weight 0)"
+    assert describe_loss(DecoderRunConfig(), dataclasses.replace(facts, perceptual="lpips-vgg")) == (
+        "loss L1 + 1 x perceptual (lpips-vgg)")
+    with pytest.raises(ValueError, match=r"DecoderLossConfig.perceptual_weight must be >= 0, got -0.5"):
+        DecoderLossConfig(perceptual_weight=-0.5)
 
 
 def test_cli_refuses_a_run_without_shards(capsys, tmp_path):

@@ -103,7 +103,7 @@ class DecoderFacts:
     latent_spec: LatentSpec  # the encoder's latents (raw: no statistics), copied into the export
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-    perceptual: str
+    perceptual: str | None  # None: the loss's perceptual_weight is 0 (L1 alone), no network is built
     perceptual_weights: str | None
     disc_digest: str
     rows: int
@@ -111,11 +111,14 @@ class DecoderFacts:
     crop: int
 
 
-def resolve_perceptual(config: DecoderRunConfig) -> tuple[str, str | None]:
-    """(kind, weights) of the perceptual loss the run will use; LPIPS-VGG falls back to the
-    offline EfficientNet-Lite0 distance when no VGG16 file exists, and says so loudly."""
+def resolve_perceptual(config: DecoderRunConfig) -> tuple[str | None, str | None]:
+    """(kind, weights) of the perceptual loss the run will use; (None, None) when its weight is 0.
+    LPIPS-VGG falls back to the offline EfficientNet-Lite0 distance when no VGG16 file exists, and
+    says so loudly."""
     if config.perceptual not in PERCEPTUAL_KINDS:
         raise ValueError(f"perceptual={config.perceptual!r}; choose one of {PERCEPTUAL_KINDS}")
+    if config.loss.perceptual_weight == 0:
+        return None, None
     if config.perceptual == "efficientnet-lite0":
         return config.perceptual, config.perceptual_weights
     if config.lpips_weights is not None:
@@ -161,7 +164,8 @@ class DecoderTask(Task):
         self.decoder = shard_model(decoder, list(decoder.blocks), ctx.device, dtype=ctx.dtype, compile=ctx.compile)
         self.discriminator = build_discriminator(config.discriminator, weights=config.disc_weights,
                                                  input_size=config.disc_input_size).to(ctx.device)
-        perceptual = build_perceptual_loss(facts.perceptual, weights=facts.perceptual_weights).to(ctx.device)
+        perceptual = (None if facts.perceptual is None else
+                      build_perceptual_loss(facts.perceptual, weights=facts.perceptual_weights).to(ctx.device))
         self.loss = DecoderLoss(config.loss, perceptual=perceptual, discriminator=self.discriminator)
         optim = config.optim
         self.optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=optim.schedule.base_lr,
@@ -256,7 +260,8 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
                            input_size=config.encoder_input_size or None, device="cpu")
     spec = encoder.spec
     perceptual, perceptual_weights = resolve_perceptual(config)
-    build_perceptual_loss(perceptual, weights=perceptual_weights)
+    if perceptual is not None:
+        build_perceptual_loss(perceptual, weights=perceptual_weights)
     disc = build_discriminator(config.discriminator, weights=config.disc_weights, input_size=config.disc_input_size)
     with torch.device("meta"):
         build_decoder(config.decoder, latent_channels=spec.channels, grid=spec.grid,
@@ -265,6 +270,13 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
     return DecoderFacts(latent_spec=encoder.latent_spec(), image_mean=tuple(spec.mean), image_std=tuple(spec.std),
                         perceptual=perceptual, perceptual_weights=perceptual_weights, disc_digest=disc.weights_digest,
                         rows=0, resize=resize, crop=crop)
+
+
+def describe_loss(config: DecoderRunConfig, facts: DecoderFacts) -> str:
+    """The run's reconstruction loss in a few words, for its first line."""
+    if facts.perceptual is None:
+        return "loss L1 alone (perceptual weight 0)"
+    return f"loss L1 + {config.loss.perceptual_weight:g} x perceptual ({facts.perceptual})"
 
 
 def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, **launch_options: Any):
@@ -280,7 +292,7 @@ def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, **la
     facts = dataclasses.replace(facts, rows=counted.rows)
     print(f"[{run_name}] {counted.rows} usable images in {len(counted.shards)} shard(s) at {config.shards}, "
           f"{len(counted.rejected)} skipped; crops {facts.resize} -> {facts.crop} px; latents "
-          f"{facts.latent_spec.describe()}; perceptual loss {facts.perceptual}", flush=True)
+          f"{facts.latent_spec.describe()}; {describe_loss(config, facts)}", flush=True)
     dataset = crop_dataset(counted, resize=facts.resize, crop=facts.crop)
     return train_task(DecoderTask(config, facts), config.loop, rows=facts.rows, run_config=dataclasses.asdict(config),
                       run_name=run_name, storage=storage, dataset=dataset, **launch_options)
