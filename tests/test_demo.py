@@ -255,6 +255,9 @@ def test_report_keeps_stage_timings_and_says_how_the_full_size_method_differs(de
     for fact in ("ImageNet-1k", "DINOv2-B with 4 registers", "16x16 = 256 tokens of 768", "FID 1.51 unguided",
                  "1.13 guided"):
         assert fact in text, fact
+    # the demo's side names its decoder loss and its class table, as --quick sets them
+    for fact in ("L1 + 1 x perceptual, GAN from epoch 2", "L1 + LPIPS, GAN from epoch 8", "class table initialised at std 1"):
+        assert fact in text, fact
 
 
 def test_levers_benchmark_quick_resamples_a_finished_demo(demo, tmp_path):

@@ -284,11 +284,14 @@ def page(config, metrics: dict, latents, classes: list[str], *, per_class: int, 
             if float(config.decoder_perceptual_weight) > 0 else "L1 alone")
     unlike_the_paper = (" (at this size the perceptual and GAN terms did not pay for their time: benchmarks/README.md)"
                         if loss == "L1 alone" and config.gan_start_epoch is None else "")
+    label_table = (f", class table initialised at std {float(config.dit_label_init_std):g} (DiT's 0.02: at this "
+                   f"size its samples only become class-conditional after ~1,000 steps)"
+                   if float(config.dit_label_init_std) != 0.02 else "")
     demo_side = {"images": f"{len(classes)} photographs, {config.train_per_class} crops each, "
                            f"{latents.image_size} px", "encoder": f"{latents.encoder}, {latents.input_size} px input",
                  "tokens": f"{latents.grid}x{latents.grid} = {latents.tokens}", "channels": latents.channels,
                  "decoder": f"width {config.decoder_width}, depth {config.decoder_depth}, "
-                            f"{config.decoder_epochs} epochs, {loss}, {gan}{unlike_the_paper}", "dit": f"{config.dit_model}, {config.dit_epochs} epochs"}
+                            f"{config.decoder_epochs} epochs, {loss}, {gan}{unlike_the_paper}", "dit": f"{config.dit_model}, {config.dit_epochs} epochs{label_table}"}
     sections.append(Section("How the full-size method differs", [
         "The paper (Representation Autoencoders, DiT^DH) runs the same chain at a scale this demo cannot: "
         "its FID is measured on 50,000 samples against ImageNet, which needs a GPU cluster; the demo's three "
