@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_type_hints
 
 import yaml
 
@@ -75,6 +75,17 @@ def _convert(value: Any, current: Any, name: str) -> Any:
     return value
 
 
+def _optional_kind(config_class: type, name: str) -> type | None:
+    """The scalar type a ``T | None`` field holds (bool, int, float or str), from its annotation: a field
+    whose current value is None has no type of its own to convert a ``--set`` string to."""
+    try:
+        hint = get_type_hints(config_class)[name]
+    except Exception:  # an annotation that does not resolve: leave the value as given
+        return None
+    kinds = [kind for kind in get_args(hint) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float, str) else None
+
+
 def _field_default(spec: dataclasses.Field) -> Any:
     if spec.default is not dataclasses.MISSING:
         return spec.default
@@ -121,6 +132,9 @@ def _build(base: Any, tree: dict[str, Any], prefix: str = "") -> Any:
             if not isinstance(value, dict):
                 raise ValueError(f"config {path}: expected a mapping of fields, got {value!r}")
             changes[name] = _build(current, value, f"{path}.")
+        elif current is None and (kind := _optional_kind(base if is_class else type(base), name)) is not None:
+            none = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+            changes[name] = None if none else _convert(value, kind(), path)
         else:
             changes[name] = _convert(value, current, path)
     if not is_class:

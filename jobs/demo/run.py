@@ -105,14 +105,7 @@ def gan_phase(config: DemoConfig) -> dict[str, float]:
     if config.gan_start_epoch is None:
         never = float(config.decoder_epochs + 1)
         return {"disc_start_epoch": never, "gan_start_epoch": never}
-    epochs = {}
-    for name in ("disc_start_epoch", "gan_start_epoch"):
-        value = getattr(config, name)
-        try:
-            epochs[name] = float(value)
-        except ValueError:
-            raise ValueError(f"DemoConfig.{name}: expected an epoch number, got {value!r}") from None
-    return epochs
+    return {"disc_start_epoch": float(config.disc_start_epoch), "gan_start_epoch": float(config.gan_start_epoch)}
 
 
 def decoder_run_config(config: DemoConfig, shards: str) -> DecoderRunConfig:
