@@ -162,6 +162,8 @@ DECODER_PROTOTYPES = {
     "grid4-lr2e-3-l1": DecoderPrototype(lr=2e-3, perceptual_weight=0.0),  # L1 alone: no perceptual network
     "grid4-lr2e-3-l1-constant-1152": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, final_lr_fraction=1.0,
                                                       steps=1152, eval_every=192),
+    "grid4-lr4e-3-l1": DecoderPrototype(lr=4e-3, perceptual_weight=0.0),
+    "grid4-lr2e-3-l1-w384d6": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, width=384, depth=6),
     "grid8": DecoderPrototype(encoder_input_size=112, crop_size=128),
 }
 
