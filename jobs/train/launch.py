@@ -53,6 +53,9 @@ def check_run_length(loop: Any) -> None:
     for name in ("global_batch_size", "max_micro_batch"):
         if getattr(loop, name) < 1:
             raise ValueError(f"loop.{name}={getattr(loop, name)}: expected a size >= 1")
+    if getattr(loop, "cpu_threads", 0) < 0:
+        raise ValueError(f"loop.cpu_threads={loop.cpu_threads}: expected a thread count >= 1, or 0 for the node's "
+                         f"cores shared among its workers")
 
 
 def check_batch_fits(loop: Any, rows: int, data: str) -> None:
