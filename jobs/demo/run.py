@@ -43,7 +43,7 @@ class DemoConfig:
     flip_view: bool = True             # also store flipped latents (the DiT's flip augmentation)
     decoder_width: int = 256
     decoder_depth: int = 4
-    decoder_epochs: int = 48           # 576 steps: L1 alone runs ~0.6 s a step here, the paper's loss ~1.7 s
+    decoder_epochs: int = 48           # 576 steps: L1 alone runs ~0.5 s a step here, the paper's loss ~1.7 s
     decoder_batch: int = 32
     decoder_lr: float = 2e-3          # measured: 16.8 dB after 192 steps, against 16.0 at 5e-4 and 16.3 at 4e-3
     # The paper's EMA decays (0.9978 decoder, 0.9995 DiT) assume 100k+ steps; over a few hundred steps
