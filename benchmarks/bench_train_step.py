@@ -73,14 +73,14 @@ class Setup:
 
 def run_config(setup: Setup) -> DiTRunConfig:
     loop = LoopConfig(epochs=1, global_batch_size=setup.global_batch, max_micro_batch=setup.global_batch,
-                      checkpoint_every_steps=setup.steps, log_every_steps=10**6, shuffle_buffer=0)
+                      checkpoint_every_steps=setup.steps, log_every_steps=10**6, shuffle_buffer=0,
+                      cpu_threads=setup.threads)  # the plain loop's thread count, in the worker too
     return DiTRunConfig(store=setup.store, model=setup.model, loop=loop)
 
 
 def _ray_train_fn(payload: dict) -> None:
     import ray.train
 
-    torch.set_num_threads(payload["threads"])
     config: DiTRunConfig = payload["config"]
     rank = ray.train.get_context().get_world_rank()
     task = TimedTask(DiTTask(config, payload["facts"]))
@@ -96,8 +96,7 @@ def ray_step_time(setup: Setup, facts: StoreFacts, workers: int, work: Path, nam
 
     config = run_config(setup)
     timing = work / f"{name}.json"
-    payload = {"config": config, "facts": facts, "run_name": name, "timing_file": str(timing),
-               "threads": setup.threads}
+    payload = {"config": config, "facts": facts, "run_name": name, "timing_file": str(timing)}
     with PeakMemory() as memory:
         launch(_ray_train_fn, payload, run_name=name, storage=str(work / "runs"), num_workers=workers,
                datasets={"train": latent_dataset(setup.store, shuffle_files=False)}, max_failures=0,
