@@ -2,6 +2,7 @@
 command builds its typed config the same way: defaults < --config YAML < flags < --set."""
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,8 @@ def test_demo_run_configs_are_the_papers_shrunk_to_the_demo():
     assert (dit.store, dit.model, dit.loop.epochs, dit.optim.schedule.hold_epochs,
             dit.optim.schedule.decay_end_epoch, dit.ema_decay) == ("store", demo.dit_model, 60, 30, 60, demo.dit_ema)
     assert decoder.loss.perceptual_weight == demo.decoder_perceptual_weight
+    assert decoder.loop.cpu_threads == len(os.sched_getaffinity(0))  # its one worker: this machine's cores
+    assert dit.loop.cpu_threads == 0  # as Ray gives them
     assert dit.model_overrides == {"label_init_std": demo.dit_label_init_std}
     assert dit_run_config(built("demo", "--set", "dit_label_init_std=0.02"), "s").model_overrides == {
         "label_init_std": 0.02}

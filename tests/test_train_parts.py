@@ -238,3 +238,21 @@ def test_restore_takes_the_newest_attempt_of_a_step_saved_twice(tmp_path, monkey
     nn.init.constant_(model.weight, 0.0)
     restored = _checkpointer(2, 4, state=lambda: {"model": ModelState(model)}).restore()
     assert restored["step"] == 2 and torch.all(model.weight == 2.0)
+
+
+@pytest.mark.parametrize("configured", [0, 2])
+def test_a_cpu_run_sets_torchs_threads_only_when_configured_and_says_how_many(configured, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Ray starts a worker holding under 2 CPUs with one thread; loop.cpu_threads sets another count
+    (the demo's one decoder worker takes the machine's cores), 0 keeps what the worker has."""
+    loop = LoopConfig(epochs=1, global_batch_size=4, max_micro_batch=4, log_every_steps=100, cpu_threads=configured)
+    FakeRayTrain(tmp_path).install(monkeypatch)
+    before = torch.get_num_threads()
+    try:
+        run_fit(TinyTask(LRSchedule(base_lr=1e-2, final_lr=1e-3, hold_epochs=1, decay_end_epoch=1)), loop)
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert threads == (configured or before)
+    start_line = next(line for line in capsys.readouterr().out.splitlines() if "fresh start" in line)
+    assert f"fresh start on cpu with {threads} torch thread{'s' * (threads > 1)};" in start_line

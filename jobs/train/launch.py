@@ -54,8 +54,8 @@ def check_run_length(loop: Any) -> None:
         if getattr(loop, name) < 1:
             raise ValueError(f"loop.{name}={getattr(loop, name)}: expected a size >= 1")
     if getattr(loop, "cpu_threads", 0) < 0:
-        raise ValueError(f"loop.cpu_threads={loop.cpu_threads}: expected a thread count >= 1, or 0 for the node's "
-                         f"cores shared among its workers")
+        raise ValueError(f"loop.cpu_threads={loop.cpu_threads}: expected a thread count >= 1, or 0 to keep the "
+                         f"threads Ray gives a worker (its CPU share)")
 
 
 def check_batch_fits(loop: Any, rows: int, data: str) -> None:

@@ -67,8 +67,8 @@ class LoopConfig:
     shuffle_buffer: int = 0  # rows in the local shuffle buffer; 0: stored order
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp32
     compile: str = "auto"  # torch.compile each transformer block: auto (CUDA only), on, off
-    # torch's threads on a CPU worker; 0: the node's cores shared among its workers. (Ray starts a
-    # worker holding under 2 CPUs with OMP_NUM_THREADS=1: one worker on a 2-core node trained at half speed.)
+    # torch's threads on a CPU worker; 0: as Ray set them (its CPU share, at least 1: a worker holding
+    # 0.5 CPU runs one thread, whatever the node has). The demo's one decoder worker sets the machine's cores.
     cpu_threads: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -82,7 +82,6 @@ class RunContext:
     steps_per_epoch: int = 0  # lets a task turn a step into fractional epochs (the GAN schedule)
     dtype: torch.dtype | None = None  # autocast dtype of forward passes; None: fp32
     compile: bool = False  # compile the model's transformer blocks
-    cpu_threads: int = 0  # torch's threads on a CPU device (0: left as they were)
 
     def epoch(self, step: int) -> float:
         """Fractional epochs completed before ``step``."""
@@ -257,9 +256,8 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
 
     context = ray.train.get_context()
     ctx = run_context(loop, rows, rank=context.get_world_rank(), world=context.get_world_size())
-    if ctx.device.type == "cpu":
-        ctx.cpu_threads = cpu_threads(loop.cpu_threads, context.get_local_world_size())
-        torch.set_num_threads(ctx.cpu_threads)
+    if ctx.device.type == "cpu" and loop.cpu_threads:
+        torch.set_num_threads(loop.cpu_threads)
     total_steps = ctx.steps_per_epoch * loop.epochs
     torch.manual_seed(loop.seed)  # identical initial weights on every rank, before sharding
     task.setup(ctx)
@@ -288,12 +286,6 @@ def fit(task: Task, loop: LoopConfig, *, run_name: str, rows: int, batches: Batc
         metrics.finish()
 
 
-def cpu_threads(configured: int, workers_on_node: int) -> int:
-    """torch's threads for a CPU worker: ``configured``, or (0) the cores this process may run on
-    shared among the node's workers."""
-    return configured or max(1, len(os.sched_getaffinity(0)) // max(1, workers_on_node))
-
-
 def run_context(loop: LoopConfig, rows: int, *, rank: int, world: int) -> RunContext:
     """This rank's view of the run: device, precision, compilation, batch plan, epoch length."""
     plan = plan_batches(loop.global_batch_size, world, loop.max_micro_batch)
@@ -309,7 +301,8 @@ def run_context(loop: LoopConfig, rows: int, *, rank: int, world: int) -> RunCon
 def _start_line(ctx: RunContext, step: int, total_steps: int, restored: dict[str, Any] | None) -> str:
     plan = ctx.plan
     where = f"resumed at step {step} from {restored['restored_from']}" if restored else "fresh start"
-    device = str(ctx.device) + (f" ({ctx.cpu_threads} threads)" if ctx.cpu_threads else "")
+    threads = torch.get_num_threads()
+    device = str(ctx.device) + (f" with {threads} torch thread{'s' * (threads > 1)}" if ctx.device.type == "cpu" else "")
     if ctx.device.type == "cpu" and os.environ.get("CUDA_VISIBLE_DEVICES"):
         device += " (this worker holds a Ray GPU without usable CUDA: training on CPU with gloo)"
     return (f"{where} on {device}; {ctx.world} workers x {plan.accum_steps} micro-batches of {plan.micro} = global "
