@@ -38,12 +38,17 @@ def reference(images: np.ndarray, flip: bool) -> np.ndarray:
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_cpu_latents_are_the_encoders_for_any_batch_split(images, digest, flip):
-    expected = reference(images, flip)
+    """Within one float16 step (plus float32 noise, 1e-5, for values near 0) of the encoder's own output: a
+    CPU's matrix kernels may block a batch of 1 or 3 differently from one of 7 (seen on a Xeon CI machine:
+    0.6% of values one float16 step apart, values near 0 up to 1e-6 off), so the float32 sums differ in
+    their last bits and a few land on the other side of a float16 rounding."""
+    expected = reference(images, flip).astype(np.float32)
+    one_step = np.spacing(np.abs(expected).astype(np.float16)).astype(np.float32) + 1e-5
     for batch_size in (1, 3, 7, 64):
         actor = LatentEncoder(ENCODER, None, INPUT, flip, "float16", batch_size, digest)
         out = actor.encode(images)
         assert out.dtype == np.float16 and out.shape == (7, 2 if flip else 1, 16, 384)
-        np.testing.assert_array_equal(out, expected)
+        assert np.all(np.abs(out.astype(np.float32) - expected) <= one_step), batch_size
 
 
 def test_empty_shard_gives_an_empty_array_of_the_right_shape(digest, images):
