@@ -166,9 +166,14 @@ class ProgressDisplay:
     drawing one tqdm bar per run (rate and ETA) and printing other lines above it."""
 
     def __init__(self) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a queue on a worker node dies with it (an elastic run losing a GPU node
+        # lost its queue, and with it rank 0's next line and the run).
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._stop = threading.Event()
         self._bars: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._drain, name="rae-progress", daemon=True)

@@ -168,6 +168,24 @@ def test_rank0_sends_its_lines_and_steps_to_the_drivers_queue_when_given_one(cap
     assert capsys.readouterr().out == "[dit] printed again\n"
 
 
+def test_a_lost_progress_queue_does_not_stop_training_its_lines_continue_in_the_workers_log(capsys):
+    """An elastic run lost the node its driver's queue lived on; rank 0's next line must not end the run."""
+    from jobs.train import progress
+
+    class DeadQueue:
+        def put(self, item):
+            raise RuntimeError("The actor died because its node has died.")
+
+    progress.send_to(DeadQueue())
+    try:
+        progress.say("[dit] step 8/32", run="dit", step=8, total=32)
+        progress.say("[dit] step 12/32", run="dit", step=12, total=32)
+    finally:
+        progress.send_to(None)
+    assert capsys.readouterr().out == ("(the driver's progress queue is gone: RuntimeError; progress lines continue "
+                                       "in this worker's log)\n[dit] step 8/32\n[dit] step 12/32\n")
+
+
 def test_our_log_lines_follow_stderr_after_the_previous_one_was_closed(monkeypatch):
     """Each line goes to stderr as it is then. The stream of the line before may be closed by now
     (pytest's capture of the previous test, a routed command's terminal stream): seen as

@@ -22,11 +22,17 @@ def say(message: str, *, run: str | None = None, step: int | None = None, total:
     ``total`` and ``postfix`` draw that run's bar there instead of the line), else to the worker's stdout, which Ray forwards to the driver once.
     (Ray Train V2 patches ``print`` inside workers to go through its logger as well, which showed
     every line twice.)"""
+    global _sink
     if _sink is not None:
         from jobs.console import ProgressLine
 
-        _sink.put(ProgressLine(message, run, step, total, postfix))
-        return
+        try:
+            _sink.put(ProgressLine(message, run, step, total, postfix))
+            return
+        except Exception as error:  # the queue's actor is gone (its node lost): training goes on, lines here
+            _sink = None
+            sys.stdout.write(f"(the driver's progress queue is gone: {type(error).__name__}; progress lines "
+                             f"continue in this worker's log)\n")
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
 
