@@ -280,10 +280,10 @@ def page(config, metrics: dict, latents, classes: list[str], *, per_class: int, 
                                                             ("this invocation", timings["this_invocation"], "")])))
     gan = (f"GAN from epoch {float(config.gan_start_epoch):g}" if config.gan_start_epoch is not None
            else "no GAN phase")
-    loss = (f"L1 + {float(config.decoder_perceptual_weight):g} x perceptual"
-            if float(config.decoder_perceptual_weight) > 0 else "L1 alone")
+    l1_alone = config.decoder_perceptual_weight == 0
+    loss = "L1 alone" if l1_alone else f"L1 + {config.decoder_perceptual_weight:g} x perceptual"
     unlike_the_paper = (" (at this size the perceptual and GAN terms did not pay for their time: benchmarks/README.md)"
-                        if loss == "L1 alone" and config.gan_start_epoch is None else "")
+                        if l1_alone and config.gan_start_epoch is None else "")
     label_table = (f", class table initialised at std {float(config.dit_label_init_std):g} (DiT's 0.02: at this "
                    f"size its samples only become class-conditional after ~1,000 steps)"
                    if float(config.dit_label_init_std) != 0.02 else "")

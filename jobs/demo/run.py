@@ -109,8 +109,8 @@ def gan_phase(config: DemoConfig) -> dict[str, float]:
 
 
 def decoder_run_config(config: DemoConfig, shards: str) -> DecoderRunConfig:
-    """The paper's decoder run, shrunk to the demo's sizes: a tiny decoder, the offline perceptual loss
-    and discriminator, the demo's epochs, batch, learning rate and EMA. Its workers share this machine's
+    """The paper's decoder run, shrunk to the demo's sizes: a tiny decoder, the demo's loss (L1 alone by
+    default; the offline perceptual loss and discriminator when set), epochs, batch, learning rate and EMA. Its workers share this machine's
     cores for torch (Ray would give a 0.5-CPU worker one thread; measured: 52-61 -> 64-67 images/s. The
     DiT's small steps gained nothing from a second thread beside its reader, so its workers keep one)."""
     paper = DecoderRunConfig()
