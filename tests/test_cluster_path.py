@@ -57,6 +57,18 @@ def timings() -> dict[str, float]:
     print("\ncluster path timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in measured.items()))
 
 
+def registered_checkpoint(run_dir: Path) -> dict | None:
+    """The newest checkpoint Ray Train's controller has registered for the run (its run snapshot's
+    latest entry: folder name and metrics), or None before the first."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    snapshot = run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or caught mid-write
+        return None
+
+
 def rae_submit(cluster, *command: str, timeout_s: float = 900) -> subprocess.Popen:
     """`rae submit --wait -- rae ...` in a process of its own, as a user types it."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
@@ -201,11 +213,16 @@ def test_elastic_training_grows_to_two_workers_and_survives_losing_a_node(local_
     read_until("training workers: 1..2 (elastic")
     read_until("2 workers x")  # a worker group of two trains (grown from one, or both nodes up at once)
     timings["submit -> 2 workers training"] = time.monotonic() - started
-    wait_until(lambda: list(storage.glob("elastic/checkpoint_*")), 300, "a checkpoint of the 2-worker run")
+    # A checkpoint's folder appears while it uploads; the run resumes from it only once Ray Train's
+    # controller has registered it (written to its run snapshot). Killing a node before that is a
+    # fresh start, as Ray Train defines it.
+    registered = wait_until(lambda: registered_checkpoint(storage / "elastic"), 300,
+                            "a checkpoint of the 2-worker run registered by Ray Train")
     node_id, pid = next(iter(raylet_pids(cluster, "gpu").items()))
     lost_at = time.monotonic()
     os.kill(pid, 9)
-    read_until("resumed at step")
+    resumed = read_until("resumed at step")
+    assert int(resumed.split("resumed at step ")[1].split()[0]) >= registered["metrics"]["step"], resumed
     timings["node lost -> resumed"] = time.monotonic() - lost_at
     rest, _ = job.communicate(timeout=900)
     out = "".join(lines) + rest
