@@ -93,7 +93,8 @@ class ImageSampler:
         """Clean latents in the encoder's (denormalized) space, float32 (B, N, C)."""
         if len(labels) != len(seeds):
             raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
-        y = torch.as_tensor(np.asarray(labels, np.int64), device=self.device)
+        # A copy: Ray Data hands the batch's columns over read-only, and torch warns on those.
+        y = torch.tensor(np.asarray(labels, np.int64), device=self.device)
         x = self.noise(seeds).to(self.device)
         latent_dim = self.shape[0] * self.shape[1] if self.sampler.shift else None
         times = time_grid(self.sampler.num_steps, t_min=self.sampler.t_min, latent_dim=latent_dim,

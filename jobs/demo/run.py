@@ -125,7 +125,7 @@ def decoder_run_config(config: DemoConfig, shards: str) -> DecoderRunConfig:
         loss=dataclasses.replace(paper.loss, perceptual_weight=float(config.decoder_perceptual_weight),
                                  **gan_phase(config)),
         loop=dataclasses.replace(paper.loop, epochs=config.decoder_epochs, global_batch_size=config.decoder_batch,
-                                 max_micro_batch=config.decoder_batch, log_every_steps=20,
+                                 max_micro_batch=config.decoder_batch, log_every_steps=min(20, steps_per_epoch),
                                  checkpoint_every_steps=10 * steps_per_epoch, seed=config.seed,
                                  cpu_threads=max(1, len(os.sched_getaffinity(0)) // config.num_workers)),
         optim=dataclasses.replace(paper.optim, schedule=dataclasses.replace(
@@ -142,7 +142,7 @@ def dit_run_config(config: DemoConfig, store: str) -> DiTRunConfig:
     return dataclasses.replace(
         paper, store=store, model=config.dit_model, model_overrides={"label_init_std": float(config.dit_label_init_std)},
         loop=dataclasses.replace(paper.loop, epochs=config.dit_epochs, global_batch_size=config.dit_batch,
-                                 max_micro_batch=config.dit_batch, log_every_steps=25,
+                                 max_micro_batch=config.dit_batch, log_every_steps=min(25, max(1, rows // config.dit_batch)),
                                  checkpoint_every_steps=5 * max(1, rows // config.dit_batch), shuffle_buffer=256,
                                  seed=config.seed),
         optim=dataclasses.replace(paper.optim, schedule=dataclasses.replace(
