@@ -16,7 +16,8 @@ bytes raw (every part file read whole, no decoding). Paths measured, side by sid
   reads its share with pyarrow, a prefetch thread, no Ray Data): one rank's epoch of float16 batches
   as they reach the step, in the share's order and through the training default's local shuffle
   buffer (``shuffle_rows`` rows), and normalized as the step does on its device; whole epochs, their
-  start included.
+  start included. The shuffled path memory-maps its parts; it is also measured with them read into
+  memory (``map_parts=False``), side by side.
 
     python -m benchmarks.bench_store_read [--quick]
 """
@@ -138,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = store_rows(store)
         epochs = iter(range(10**6))
 
-        def local(shuffle_rows: int, normalize_on_device: bool = False) -> float:
+        def local(shuffle_rows: int, normalize_on_device: bool = False, map_parts: bool = True) -> float:
             """One rank (of one) reading a whole epoch, a new row-group order each call."""
-            source = StoreBatches(rows, rank=0, world=1, seed=0, shuffle_buffer=shuffle_rows)
+            source = StoreBatches(rows, rank=0, world=1, seed=0, shuffle_buffer=shuffle_rows, map_parts=map_parts)
             start = time.perf_counter()
             seen = 0
             with PeakMemory(tree=False) as memory:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                     if normalize_on_device:
                         normalizer(batch["latent"])
                     seen += len(batch["latent"])
-            peaks[f"store_batches_shuffle_{shuffle_rows}_normalize_{normalize_on_device}"] = memory.peak_mib
+            peaks[f"store_batches_shuffle_{shuffle_rows}_normalize_{normalize_on_device}_map_{map_parts}"] = memory.peak_mib
             assert seen == batches * config["batch_size"], seen
             return batches / (time.perf_counter() - start)
 
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                            "latent_dataset_float16_normalized_on_device_cpu": lambda: ray_float16(True),
                            "store_batches_float16_host_batches": lambda: local(0),
                            "store_batches_float16_shuffled_host_batches": lambda: local(config["shuffle_rows"]),
+                           "store_batches_float16_shuffled_host_batches_parts_read_into_memory":
+                               lambda: local(config["shuffle_rows"], map_parts=False),
                            "store_batches_float16_shuffled_normalized_on_device_cpu":
                                lambda: local(config["shuffle_rows"], normalize_on_device=True)},
                           config["repeats"])
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         rec.add("store_batches_speedup_over_latent_dataset",
                 rates["store_batches_float16_shuffled_host_batches"]["median"]
                 / rates["latent_dataset_float16_host_batches"]["median"])
+        rec.add("memory_mapped_parts_speedup",
+                rates["store_batches_float16_shuffled_host_batches"]["median"]
+                / rates["store_batches_float16_shuffled_host_batches_parts_read_into_memory"]["median"])
         if not torch.cuda.is_available():
             rec.skip("normalize_on_gpu", "no GPU in this run: the step's normalization measured on the CPU")
     finally:

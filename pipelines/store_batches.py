@@ -24,6 +24,14 @@ metadata) is read once, on the driver, and travels to the workers. Per epoch
    to two windows. 0 keeps the share's order and ships zero-copy views of the Arrow buffers (a
    batch across two row groups is joined once).
 
+Parts on a local disk are memory-mapped when the rows are shuffled: pyarrow then reads the
+uncompressed latent column without copying it out of the page cache, and the one copy is the
+shuffle's own (measured 1.4 to 1.6x the plain read, whose ``read`` into a new buffer is the extra
+copy; benchmarks/README.md). Batches in stored order are views of the Arrow buffers, so those parts
+are read into memory instead: a view of a read-only mapping would crash the process on an in-place
+write. Committed parts are only ever replaced by a rename, never rewritten in place, so a mapping
+stays valid while it is read.
+
 The same ``(seed, epoch, rank, world)`` gives the same batches, which is what lets a resumed run skip
 to its position in the epoch and see what the uninterrupted run saw. With ``world`` changed (an
 elastic run's restart) the shares are recut from the new world.
@@ -130,10 +138,13 @@ class StoreBatches:
     """The :data:`jobs.train.loop.BatchSource` of one rank: ``(epoch, micro)`` -> that epoch's batches of
     exactly ``micro`` rows (see the module's docstring for the order)."""
 
-    def __init__(self, rows: StoreRows, *, rank: int, world: int, seed: int, shuffle_buffer: int) -> None:
+    def __init__(self, rows: StoreRows, *, rank: int, world: int, seed: int, shuffle_buffer: int,
+                 map_parts: bool = True) -> None:
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={shuffle_buffer}: expected 0 (stored order) or a number of rows")
         self.rows, self.rank, self.world, self.seed, self.shuffle_buffer = rows, rank, world, seed, shuffle_buffer
+        # Local parts memory-mapped when shuffling (see the module's docstring); False reads them into memory.
+        self.memory_map = map_parts and shuffle_buffer > 0
 
     def __call__(self, epoch: int, micro: int) -> Iterator[Batch]:
         pieces = epoch_share(self.rows.groups, seed=self.seed, epoch=epoch, rank=self.rank, world=self.world)
@@ -154,7 +165,8 @@ class StoreBatches:
         views = self.rows.views
         columns = ["label", latent_store.LATENT_COLUMN] + (["view"] if views is not None else [])
         try:
-            with _parquet_file(piece.group.part, self.rows.storage_options) as part:
+            with _parquet_file(piece.group.part, self.rows.storage_options,
+                               memory_map=self.memory_map) as part:
                 table = part.read_row_group(piece.group.index, columns=columns)
         except (OSError, pa.ArrowException) as error:
             raise OSError(f"store part {piece.group.part} (row group {piece.group.index}) could not be read: "
@@ -166,11 +178,13 @@ class StoreBatches:
 
 
 @contextlib.contextmanager
-def _parquet_file(url: str, storage_options: StorageOptions | None) -> Iterator[pq.ParquetFile]:
-    """A part opened for reading: by path on a local disk (pyarrow's own reads), else through fsspec."""
+def _parquet_file(url: str, storage_options: StorageOptions | None, *,
+                  memory_map: bool = False) -> Iterator[pq.ParquetFile]:
+    """A part opened for reading: by path on a local disk (pyarrow's own reads, or a read-only memory
+    map), else through fsspec."""
     fs, path = storage.resolve(url, storage_options)
     if storage.is_local_disk(fs):
-        with pq.ParquetFile(path) as part:
+        with pq.ParquetFile(path, memory_map=memory_map) as part:
             yield part
         return
     with fs.open(path, "rb") as handle, pq.ParquetFile(handle) as part:

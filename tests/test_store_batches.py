@@ -228,3 +228,28 @@ def test_rae_train_dit_hands_each_worker_a_reader_of_the_store_and_no_ray_datase
         shares = [rows_of(task.batch_source(loop, rank, world)(0, 8)) for rank in range(world)]
         assert shares[0] == rows_of(source(class_store, rank=0, world=world, shuffle_buffer=32)(0, 8))
         assert sum(len(share) for share in shares) == 64
+
+
+def test_only_shuffled_reads_map_the_parts_and_both_give_the_stored_rows(grouped_store, monkeypatch):
+    """Shuffled batches are copies, so their parts may be memory-mapped; batches in stored order are
+    views of the Arrow buffers, which must never point into a read-only mapping (an in-place write
+    there would crash the process)."""
+    import pyarrow.parquet as pq
+
+    opened: list[bool] = []
+    plain = pq.ParquetFile
+
+    class Recording(plain):
+        def __init__(self, source, **options):
+            opened.append(options.get("memory_map", False))
+            super().__init__(source, **options)
+
+    monkeypatch.setattr(pq, "ParquetFile", Recording)
+    rows = stored(grouped_store)
+    for shuffle_buffer, mapped in ((0, False), (6, True)):
+        batches = source(grouped_store, shuffle_buffer=shuffle_buffer)  # reads the parts' footers
+        opened.clear()
+        seen = rows_of(batches(0, 2))
+        assert opened and set(opened) == {mapped}, (shuffle_buffer, opened)
+        assert len(seen) == len(set(seen)) == 20
+        assert all(rows[key][0] == label for key, label in seen)  # each batch row is a stored row, unaltered
