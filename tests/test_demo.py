@@ -92,6 +92,8 @@ def test_metrics_are_finite_and_sensible(demo):
     metrics = json.loads((index.parent / "metrics.json").read_text())
     recon, samples = metrics["reconstruction"], metrics["samples"]
     assert 5.0 < recon["psnr_db"] < 60.0 and 5.0 < recon["mean_image_baseline_psnr_db"] < 60.0
+    # Each held-out crop's own block colours beat one mean image of the training crops.
+    assert recon["token_grid"] == 4 and recon["mean_image_baseline_psnr_db"] < recon["token_block_means_psnr_db"] < 60.0
     assert recon["images"] == TINY.classes * TINY.val_per_class
     assert metrics["classes"] == sorted(PHOTOS[:TINY.classes])  # labels number the sorted class folders
     assert samples["count"] == TINY.classes * TINY.samples_per_class
@@ -196,6 +198,7 @@ def test_report_states_each_number_beside_its_baseline_and_target(demo):
     recon, samples = metrics["reconstruction"], metrics["samples"]
     text = _page_text(index)
     assert f"the mean training image: {recon['mean_image_baseline_psnr_db']:.1f} dB" in text
+    assert f"16-px block at its mean colour: {recon['token_block_means_psnr_db']:.1f} dB" in text
     assert (f"chance {samples['class_consistency_chance']:.3f}; real held-out crops "
             f"{samples['class_consistency_real_heldout']:.3f}") in text
     assert f"held-out real crops: {samples['fd_encoder_heldout_vs_train']:.1f}" in text
@@ -302,3 +305,23 @@ def test_levers_benchmark_prototypes_train_score_and_time_each_lever(tmp_path):
         for scale in scores.values():
             assert 0.0 <= scale["class_consistency_latent"] <= 1.0 and scale["fd_ratio_latent"] > 0.0
     assert dit["class_consistency_real_heldout_latent"] > 0.5
+
+
+def test_token_block_means_fill_each_tokens_pixels_with_their_mean_colour():
+    import numpy as np
+
+    from jobs.demo.report import psnr, token_block_means
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    blocks = token_block_means(images, 2)
+    assert blocks.shape == images.shape and blocks.dtype == np.uint8
+    for top in (0, 4):
+        for left in (0, 4):
+            window = images[:, top:top + 4, left:left + 4].astype(np.float64)
+            expected = window.mean(axis=(1, 2)).round()
+            assert (blocks[:, top:top + 4, left:left + 4] == expected[:, None, None, :]).all()
+    assert (token_block_means(blocks, 2) == blocks).all()  # already one colour per block
+    assert (psnr(images, blocks) > psnr(images, token_block_means(images, 1))).all()  # a finer grid is closer
+    with pytest.raises(ValueError, match="do not divide into a 3x3 token grid"):
+        token_block_means(images, 3)
