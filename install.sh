@@ -14,9 +14,9 @@ torch_spec="${RAE_TORCH:-torch==2.14.1 torchvision==0.29.1}"
 python="${PYTHON:-python3}"
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-# --no-compile: Python compiles what is imported on first use; byte-compiling every installed file
-# (all of torch's) cost ~20 s of the install, measured.
-pip=("$venv/bin/python" -m pip install --quiet --no-compile --disable-pip-version-check)
+# Byte-compiled at install (pip's default), not left to first use: where PYTHONDONTWRITEBYTECODE is set
+# (as on CI), nothing is ever cached, and every process would compile torch again on import.
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # shellcheck disable=SC2086
 "${pip[@]}" $torch_spec
 "${pip[@]}" -e ".[test,s3]"
