@@ -81,12 +81,17 @@ def prepare_workdir(root: Path, name: str, variant: Variant) -> Path:
 
 
 def quick_overrides(base: Path) -> dict[str, Any]:
-    """Sizes that fit a finished demo's models and images (jobs/demo/photos.py's done.txt: names, crops
-    per split, crop size, seed), with few samples and sampler steps."""
+    """The settings a finished demo ran with, which its reused stages must keep: as its last stage
+    recorded them; for a demo of an older rae (no settings recorded), sizes that fit its images
+    (jobs/demo/photos.py's done.txt: names, crops per split, crop size, seed), with few samples and
+    sampler steps."""
     report, images = base / "report" / "metrics.json", base / "images" / "done.txt"
     if not (report.exists() and images.exists()):
         raise FileNotFoundError(f"--base {base}: no report/metrics.json or images/done.txt; pass the workdir of a "
                                 f"finished rae demo")
+    recorded = json.loads((base / "stages" / "sample.json").read_text()).get("settings")
+    if recorded is not None:
+        return recorded
     train_per_class, val_per_class, crop_size, seed = map(int, images.read_text().split()[-4:])
     return {"classes": len(json.loads(report.read_text())["classes"]), "train_per_class": train_per_class,
             "val_per_class": val_per_class, "crop_size": crop_size, "seed": seed, "samples_per_class": 2,

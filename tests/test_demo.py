@@ -2,6 +2,7 @@
 a rerun reuses every stage, and the report's page shows its images in a real (headless) browser."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import json
@@ -182,6 +183,40 @@ def test_a_workdir_of_an_older_rae_is_refused_at_once_and_a_fresh_one_stamped(tm
     (old / "stages" / "encode.json").write_text(json.dumps({"seconds": 1.0, "result": None}))
     with pytest.raises(ValueError, match=r"older rae \(export format before 3.*Remove it, or pass another --workdir"):
         check_workdir_version(old)
+
+
+def test_every_demo_setting_belongs_to_the_stages_whose_output_it_changes():
+    from jobs.demo.run import STAGE_FIELDS, DemoConfig, stage_settings
+
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    assert set().union(*STAGE_FIELDS.values()) == fields - {"num_workers"}  # a new setting must be placed
+    assert set(stage_settings(QUICK_DEMO, "sample")) == fields - {"num_workers"}  # the samples depend on all
+    assert "decoder_width" not in stage_settings(QUICK_DEMO, "train_dit")
+    assert {"encoder", "seed"} <= set(stage_settings(QUICK_DEMO, "train_dit"))  # through the store it reads
+
+
+def test_finished_stages_made_with_other_settings_are_refused_and_the_rest_reused(tmp_path):
+    from jobs.demo.run import check_stage_settings, stage_settings
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "encode.json").write_text(json.dumps(
+        {"seconds": 1.0, "result": {}, "settings": stage_settings(QUICK_DEMO, "encode")}))
+    check_stage_settings(tmp_path, QUICK_DEMO)
+    check_stage_settings(tmp_path, dataclasses.replace(QUICK_DEMO, cfg_scale=2.0))  # a later stage's setting
+    with pytest.raises(ValueError, match=r"other settings \(flip_view True -> False\); .*Pass another --workdir"):
+        check_stage_settings(tmp_path, dataclasses.replace(QUICK_DEMO, flip_view=False))
+    (tmp_path / "stages" / "encode.json").write_text(json.dumps({"seconds": 1.0, "result": {}}))
+    check_stage_settings(tmp_path, dataclasses.replace(QUICK_DEMO, flip_view=False))  # an older rae's marker
+
+
+def test_a_rerun_with_another_setting_is_refused_at_once_and_changes_nothing(demo):
+    workdir, index = demo
+    before = {p: p.stat().st_mtime_ns for p in (workdir / "stages").glob("*.json")} | {index: index.stat().st_mtime_ns}
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--quick", "--workdir", str(workdir),
+                           "--set", "dit_epochs=7"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"{workdir} holds a demo made with other settings (dit_epochs 6 -> 7)" in done.stderr, done.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
 def _page_text(index) -> str:

@@ -151,8 +151,55 @@ def dit_run_config(config: DemoConfig, store: str) -> DiTRunConfig:
         ema_decay=float(config.dit_ema))
 
 
-def _stage(workdir: Path, name: str, timings: dict, force: bool = False):
-    """Decorator-like helper: run `fn` unless the stage's marker exists; record its wall time."""
+# What each stage's output depends on: its own DemoConfig fields, and the stages whose outputs it reads.
+# A finished stage is reused only under the same settings (check_stage_settings). num_workers is not
+# among them: how many workers train is a resource choice, not what is trained.
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "shards": ("classes", "train_per_class", "val_per_class", "crop_size", "seed"),
+    "encode": ("encoder", "encoder_weights", "encoder_input_size", "flip_view"),
+    "train_decoder": ("encoder", "encoder_weights", "encoder_input_size", "decoder_width", "decoder_depth",
+                      "decoder_epochs", "decoder_batch", "decoder_lr", "decoder_ema", "decoder_noise_tau",
+                      "decoder_perceptual_weight", "gan_start_epoch", "disc_start_epoch"),
+    "train_dit": ("dit_model", "dit_label_init_std", "dit_epochs", "dit_batch", "dit_lr", "dit_ema"),
+    "sample": ("samples_per_class", "sample_steps", "cfg_scale"),
+}
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {"encode": ("shards",), "train_decoder": ("shards",),
+                                            "train_dit": ("encode",), "sample": ("train_decoder", "train_dit")}
+
+
+def stage_settings(config: DemoConfig, stage: str) -> dict:
+    """The settings ``stage``'s output depends on (its fields and its inputs' fields), as JSON values."""
+    fields, pending = set(STAGE_FIELDS[stage]), list(STAGE_INPUTS.get(stage, ()))
+    while pending:
+        upstream = pending.pop()
+        fields |= set(STAGE_FIELDS[upstream])
+        pending += STAGE_INPUTS.get(upstream, ())
+    return json.loads(json.dumps({name: getattr(config, name) for name in sorted(fields)}))
+
+
+def check_stage_settings(workdir: Path, config: DemoConfig) -> None:
+    """Refuse, before anything runs, a workdir whose finished stages were made with other settings than
+    ``config``'s: reusing them would report the old run under the new settings. (Markers of an older
+    rae that recorded no settings are reused as they are.)"""
+    changed = {}
+    for stage in STAGE_FIELDS:
+        marker = workdir / "stages" / f"{stage}.json"
+        made_with = json.loads(marker.read_text()).get("settings") if marker.exists() else None
+        if made_with is None:
+            continue
+        wanted = stage_settings(config, stage)
+        for name in sorted(set(made_with) | set(wanted)):
+            if made_with.get(name) != wanted.get(name):
+                changed[name] = f"{name} {made_with.get(name)!r} -> {wanted.get(name)!r}"
+    if changed:
+        raise ValueError(f"{workdir} holds a demo made with other settings ({', '.join(changed.values())}); its "
+                         f"finished stages would be reused as they are. Pass another --workdir to run with these "
+                         f"settings, or the old ones to finish that demo")
+
+
+def _stage(workdir: Path, name: str, timings: dict, settings: dict, force: bool = False):
+    """Decorator-like helper: run `fn` unless the stage's marker exists; record its wall time and the
+    ``settings`` it ran with."""
     marker = workdir / "stages" / f"{name}.json"
 
     def run(fn):
@@ -166,7 +213,7 @@ def _stage(workdir: Path, name: str, timings: dict, force: bool = False):
         result = fn()
         seconds = time.perf_counter() - start
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": seconds, "result": result}))
+        marker.write_text(json.dumps({"seconds": seconds, "result": result, "settings": settings}))
         timings[name] = {"seconds": seconds, "reused": False}
         print(f"[demo] {name}: {seconds:.0f} s", flush=True)
         return result
@@ -186,8 +233,9 @@ def check_workdir_version(workdir: Path) -> None:
         raise ValueError(f"{workdir} holds a demo made by an older rae (export format {made_with or 'before 3'}; "
                          f"this one writes {EXPORT_FORMAT}): its stages cannot be reused. Remove it, or pass "
                          f"another --workdir")
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"export_format": EXPORT_FORMAT}))
+    if not stamp.exists():
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"export_format": EXPORT_FORMAT}))
 
 
 def start_local_ray(num_cpus: int) -> None:
@@ -212,6 +260,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     check_workdir_version(workdir)
+    check_stage_settings(workdir, config)
     timings: dict = {}
     total_start = time.perf_counter()
     shards = {split: workdir / "shards" / split for split in ("train", "val")}
@@ -231,13 +280,13 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
         return {"classes": read_class_names(list_shards(str(shards["train"])))}
 
     # Class names in label order, as the shards number them (sorted folder names).
-    class_names = _stage(workdir, "shards", timings)(shard_stage)["classes"]
+    class_names = _stage(workdir, "shards", timings, stage_settings(config, "shards"))(shard_stage)["classes"]
 
     def encode_stage():
         result = encode_to_store(encode_config(config, str(shards["train"]), str(store)))
         return {"rows": result.rows, "rejected": result.rejected}
 
-    _stage(workdir, "encode", timings)(encode_stage)
+    _stage(workdir, "encode", timings, stage_settings(config, "encode"))(encode_stage)
 
     def decoder_stage():
         result = train_decoder(decoder_run_config(config, str(shards["train"])), run_name="decoder",
@@ -246,7 +295,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
             raise RuntimeError(f"decoder training failed: {result.error}")
         return {"export": str(runs / "decoder" / "export")}
 
-    decoder = _stage(workdir, "train_decoder", timings)(decoder_stage)
+    decoder = _stage(workdir, "train_decoder", timings, stage_settings(config, "train_decoder"))(decoder_stage)
 
     def dit_stage():
         result = train_dit(dit_run_config(config, str(store)), run_name="dit", storage=str(runs),
@@ -255,7 +304,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
             raise RuntimeError(f"DiT^DH training failed: {result.error}")
         return {"export": str(runs / "dit" / "export")}
 
-    dit = _stage(workdir, "train_dit", timings)(dit_stage)
+    dit = _stage(workdir, "train_dit", timings, stage_settings(config, "train_dit"))(dit_stage)
 
     def sample_stage():
         """The demo's samples with its guidance and, when it guides, the same noise without guidance."""
@@ -275,7 +324,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
         guided = draw(config.cfg_scale, "samples")
         return {"npz": guided, "unguided_npz": draw(1.0, "samples-unguided") if config.cfg_scale != 1.0 else None}
 
-    samples = _stage(workdir, "sample", timings)(sample_stage)
+    samples = _stage(workdir, "sample", timings, stage_settings(config, "sample"))(sample_stage)
 
     from jobs.demo.report import build_report
 
