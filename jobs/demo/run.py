@@ -139,11 +139,12 @@ def dit_run_config(config: DemoConfig, store: str) -> DiTRunConfig:
     held for the first half, then decayed), batch, learning rate and EMA. The store decides the latents."""
     paper = DiTRunConfig()
     rows = config.train_per_class * config.classes * (2 if config.flip_view else 1)
+    steps_per_epoch = max(1, rows // config.dit_batch)
     return dataclasses.replace(
         paper, store=store, model=config.dit_model, model_overrides={"label_init_std": float(config.dit_label_init_std)},
         loop=dataclasses.replace(paper.loop, epochs=config.dit_epochs, global_batch_size=config.dit_batch,
-                                 max_micro_batch=config.dit_batch, log_every_steps=min(25, max(1, rows // config.dit_batch)),
-                                 checkpoint_every_steps=5 * max(1, rows // config.dit_batch), shuffle_buffer=256,
+                                 max_micro_batch=config.dit_batch, log_every_steps=min(25, steps_per_epoch),
+                                 checkpoint_every_steps=5 * steps_per_epoch, shuffle_buffer=256,
                                  seed=config.seed),
         optim=dataclasses.replace(paper.optim, schedule=dataclasses.replace(
             paper.optim.schedule, base_lr=float(config.dit_lr), final_lr=config.dit_lr / 10,
@@ -197,13 +198,13 @@ def check_stage_settings(workdir: Path, config: DemoConfig) -> None:
                          f"settings, or the old ones to finish that demo")
 
 
-def _stage(workdir: Path, name: str, timings: dict, settings: dict, force: bool = False):
+def _stage(workdir: Path, name: str, timings: dict, config: DemoConfig):
     """Decorator-like helper: run `fn` unless the stage's marker exists; record its wall time and the
-    ``settings`` it ran with."""
+    settings it ran with (``stage_settings``)."""
     marker = workdir / "stages" / f"{name}.json"
 
     def run(fn):
-        if marker.exists() and not force:
+        if marker.exists():
             record = json.loads(marker.read_text())
             timings[name] = {"seconds": 0.0, "reused": True, "first_run_seconds": record["seconds"]}
             print(f"[demo] {name}: done before, reused ({record['seconds']:.0f} s when it ran)", flush=True)
@@ -213,7 +214,7 @@ def _stage(workdir: Path, name: str, timings: dict, settings: dict, force: bool 
         result = fn()
         seconds = time.perf_counter() - start
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": seconds, "result": result, "settings": settings}))
+        marker.write_text(json.dumps({"seconds": seconds, "result": result, "settings": stage_settings(config, name)}))
         timings[name] = {"seconds": seconds, "reused": False}
         print(f"[demo] {name}: {seconds:.0f} s", flush=True)
         return result
@@ -280,13 +281,13 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
         return {"classes": read_class_names(list_shards(str(shards["train"])))}
 
     # Class names in label order, as the shards number them (sorted folder names).
-    class_names = _stage(workdir, "shards", timings, stage_settings(config, "shards"))(shard_stage)["classes"]
+    class_names = _stage(workdir, "shards", timings, config)(shard_stage)["classes"]
 
     def encode_stage():
         result = encode_to_store(encode_config(config, str(shards["train"]), str(store)))
         return {"rows": result.rows, "rejected": result.rejected}
 
-    _stage(workdir, "encode", timings, stage_settings(config, "encode"))(encode_stage)
+    _stage(workdir, "encode", timings, config)(encode_stage)
 
     def decoder_stage():
         result = train_decoder(decoder_run_config(config, str(shards["train"])), run_name="decoder",
@@ -295,7 +296,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
             raise RuntimeError(f"decoder training failed: {result.error}")
         return {"export": str(runs / "decoder" / "export")}
 
-    decoder = _stage(workdir, "train_decoder", timings, stage_settings(config, "train_decoder"))(decoder_stage)
+    decoder = _stage(workdir, "train_decoder", timings, config)(decoder_stage)
 
     def dit_stage():
         result = train_dit(dit_run_config(config, str(store)), run_name="dit", storage=str(runs),
@@ -304,7 +305,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
             raise RuntimeError(f"DiT^DH training failed: {result.error}")
         return {"export": str(runs / "dit" / "export")}
 
-    dit = _stage(workdir, "train_dit", timings, stage_settings(config, "train_dit"))(dit_stage)
+    dit = _stage(workdir, "train_dit", timings, config)(dit_stage)
 
     def sample_stage():
         """The demo's samples with its guidance and, when it guides, the same noise without guidance."""
@@ -324,7 +325,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> Path:
         guided = draw(config.cfg_scale, "samples")
         return {"npz": guided, "unguided_npz": draw(1.0, "samples-unguided") if config.cfg_scale != 1.0 else None}
 
-    samples = _stage(workdir, "sample", timings, stage_settings(config, "sample"))(sample_stage)
+    samples = _stage(workdir, "sample", timings, config)(sample_stage)
 
     from jobs.demo.report import build_report
 
