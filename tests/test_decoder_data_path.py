@@ -4,6 +4,7 @@ crops will hold, and the frozen encoder runs under inference mode with latents t
 autograd can still use."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from builders import write_image_folder
 
 from jobs.demo.photos import load_photo
+from rae.image_tensors import to_unit_images
 from pipelines.decoder_crops import count_batch, decode_crop_batch
 from pipelines.image_decode import DecodeLimits, RejectedImage, decode_image
 from pipelines.shards import image_member, iter_tar_samples, list_shards, make_shards
@@ -42,13 +44,13 @@ def _row(info) -> dict[str, np.ndarray]:
             "shard_size": np.array([info.size])}
 
 
-def _resized_images(info) -> dict[int, np.ndarray]:
-    """The usable images of the shard in archive order, resized as the crops' source."""
+def _resized_images(info, size: int = RESIZE) -> dict[int, np.ndarray]:
+    """The usable images of the shard in archive order, ADM-cropped to ``size`` (the crops' source)."""
     images = []
     with open(info.url.removeprefix("file://"), "rb") as handle:
         for sample in iter_tar_samples(handle):
             try:
-                images.append(decode_image(image_member(sample.members)[1], RESIZE))
+                images.append(decode_image(image_member(sample.members)[1], size))
             except RejectedImage:
                 continue
     return dict(enumerate(images))
@@ -83,7 +85,7 @@ def test_the_census_counts_the_rows_the_crops_hold(shard):
     assert rejected["key"] == "b/broken" and "not an image" in rejected["reason"]
 
 
-def _decoder_task(**fields):
+def _decoder_task(census=None, rows: int = 0, **fields):
     from jobs.train.decoder import DecoderRunConfig, DecoderTask, resolve_facts
     from jobs.train.loop import RunContext
     from jobs.train.parallelize import plan_batches
@@ -91,7 +93,8 @@ def _decoder_task(**fields):
     config = DecoderRunConfig(encoder="dinov2-s-offline", encoder_input_size=56, decoder="tiny",
                               perceptual="efficientnet-lite0", discriminator="dinov2-s-offline", disc_input_size=56,
                               **fields)
-    task = DecoderTask(config, resolve_facts(config))
+    facts = dataclasses.replace(resolve_facts(config), rows=rows)
+    task = DecoderTask(config, facts, census)
     task.setup(RunContext(rank=0, world=1, device=torch.device("cpu"), plan=plan_batches(4, 1, 2), steps_per_epoch=16))
     return task
 
@@ -122,3 +125,71 @@ def test_the_crops_source_holds_the_encode_paths_images_and_rejections_in_order(
     assert np.array_equal(np.stack([image for image, _ in kept]), decoded.images)
     assert [s for s in samples if isinstance(s, dict)] == decoded.rejected
     assert len(decoded.rejected) == (1 if num_classes == 2 else 6)
+
+
+def _census(info, rows: int = 11):
+    from pipelines.decoder_crops import ShardCensus
+
+    return ShardCensus(url=info.url, shards=[info], rows=rows, rejected=[], num_classes=2)
+
+
+def test_fixed_views_are_each_images_centre_crop_and_mirror_split_over_ranks_in_a_replayable_order(shard):
+    from pipelines.decoder_views import FixedViews
+
+    sources = _resized_images(shard, CROP)
+    seen: dict[int, np.ndarray] = {}
+    for rank in range(2):
+        views = FixedViews(_census(shard), crop=CROP, rank=rank, world=2, seed=7)
+        epoch0 = list(views(0, 1))
+        assert [b["view"].tolist() for b in views(0, 1)] == [b["view"].tolist() for b in epoch0]  # a resume replays it
+        assert [b["view"].tolist() for b in views(1, 1)] != [b["view"].tolist() for b in epoch0]  # a new epoch, a new order
+        for batch in epoch0:
+            [view] = batch["view"].tolist()
+            assert view % 2 == rank and view not in seen
+            seen[view] = batch["image"][0].numpy()
+        assert [len(b["view"]) for b in views(0, 4)] == [4, 4, 4][:len(epoch0) // 4]  # whole micro-batches only
+    assert sorted(seen) == list(range(22))  # every image's two views, each on one rank
+    for view, image in seen.items():
+        source = sources[view // 2]
+        assert np.array_equal(image, source[:, ::-1] if view % 2 else source)
+
+
+def test_fixed_views_refuse_shards_that_changed_since_the_run_was_planned(shard):
+    from pipelines.decoder_views import FixedViews
+
+    with pytest.raises(RuntimeError, match="11 usable images now, 12 when the run was planned"):
+        next(FixedViews(_census(shard, rows=12), crop=CROP, rank=0, world=1, seed=0)(0, 2))
+
+
+def test_a_run_on_fixed_views_too_large_for_a_worker_is_refused_with_the_way_out():
+    from pipelines.decoder_views import check_fixed_views_fit
+
+    check_fixed_views_fit(384, 64, 16 * 384, what="the demo")  # ~20 MB
+    with pytest.raises(ValueError, match=r"ImageNet: 1281167 images .* train on random crops"):
+        check_fixed_views_fit(1_281_167, 256, 256 * 768, what="ImageNet")
+
+
+def test_a_fixed_views_latent_is_encoded_once_and_is_the_encoders(shard):
+    from pipelines.decoder_views import FixedViews
+
+    task = _decoder_task(_census(shard), rows=22, crops="center", crop=64, noise_tau=0.0)
+    encoded: list[int] = []
+    task.encoder.register_forward_pre_hook(lambda module, args: encoded.append(len(args[0])))
+    source = FixedViews(_census(shard), crop=64, rank=0, world=1, seed=0)
+    first = list(source(0, 2))[:2]
+    task.train_step(first, 0, 1e-3)
+    assert encoded == [2, 2]
+    seen = {v for batch in first for v in batch["view"].tolist()}
+    again = [first[0], next(b for b in source(1, 2) if not set(b["view"].tolist()) & seen)]
+    task.train_step(again, 1, 1e-3)
+    assert encoded == [2, 2, 2]  # only the views not seen before
+    with torch.inference_mode():
+        direct = task.encoder(to_unit_images(first[1]["image"]))
+    assert torch.equal(task.view_latents(first[1]["view"], to_unit_images(first[1]["image"]), None), direct)
+
+
+def test_a_decoder_run_with_unknown_crops_is_refused_before_anything_loads():
+    from jobs.train.decoder import DecoderRunConfig, resolve_facts
+
+    with pytest.raises(ValueError, match="crops='middle'; choose one of random, center"):
+        resolve_facts(DecoderRunConfig(crops="middle"))

@@ -8,6 +8,9 @@ per image against ~110 GMACs for the ViT-XL decoder's forward (x3 with backward)
 discriminator, under ~10% of the step. Image decoding and the random crop run in a CPU Ray Data
 operator (:mod:`pipelines.decoder_crops`); uint8 crops reach the workers through
 ``get_dataset_shard("train")``, and every rank takes the same fixed number of steps per epoch.
+A small image set can instead train on fixed views (``crops: center``: each image's centre crop and
+its mirror image, :mod:`pipelines.decoder_views`), read from the worker's memory and encoded once
+(:class:`ViewLatents`), so its steps run the decoder alone.
 
 The decoder consumes the encoder's raw latents (the LayerNorm'd tokens), not the store's
 normalized ones: normalization belongs to the diffusion side, which denormalizes before decoding.
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +44,15 @@ from typing import Any
 import torch
 
 from jobs.train.checkpointing import ModelState
-from pipelines.decoder_crops import census, crop_dataset, crop_sizes
+from pipelines.decoder_crops import ShardCensus, census, crop_dataset, crop_sizes
+from pipelines.decoder_views import VIEWS_PER_IMAGE, FixedViews, check_fixed_views_fit
 from jobs.train.launch import check_batch_fits, check_run_length, train_task
 from jobs.train.lr_schedule import LRSchedule
 from jobs.train.optimizer_step import Batch, accumulate_gradients, apply_update, read_logs
 from jobs.train.parallelize import autocast, average_gradients, shard_model
 from jobs.train.progress import say
 from jobs.train.loop import (
+    BatchSource,
     LoopConfig,
     OptimConfig,
     RunContext,
@@ -89,6 +94,10 @@ class DecoderRunConfig:
     ema_decay: float = 0.9978
     resize: int = 384  # scaled by image_size / 256 for smaller encoders
     crop: int = 256
+    # "random": the paper's crops (resize, then a random crop-size window; new every epoch, streamed).
+    # "center": fixed views for a small image set, each image's centre crop at the decoder's size and
+    # its mirror image, held in the worker and encoded once (pipelines/decoder_views.py).
+    crops: str = "random"
     disc_grad_clip: float = 0.0
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=16, global_batch_size=512,
                                                                 max_micro_batch=32, shuffle_buffer=1024))
@@ -106,7 +115,7 @@ class DecoderFacts:
     perceptual: str | None  # None: the loss's perceptual_weight is 0 (L1 alone), no network is built
     perceptual_weights: str | None
     disc_digest: str
-    rows: int
+    rows: int  # the run's training rows: images, or views (VIEWS_PER_IMAGE per image) on fixed views
     resize: int
     crop: int
 
@@ -137,13 +146,52 @@ def resolve_perceptual(config: DecoderRunConfig) -> tuple[str | None, str | None
     return "efficientnet-lite0", config.perceptual_weights
 
 
+CROPS = ("random", "center")
+
+
+class ViewLatents:
+    """The frozen encoder's latents of a run's fixed views, each encoded the first time it is drawn
+    and read from memory after, on the training device: the encoder is frozen and a view never
+    changes, so neither does its latent."""
+
+    def __init__(self, num_views: int) -> None:
+        self.num_views = num_views
+        self.latents: torch.Tensor | None = None
+        self.known: torch.Tensor | None = None
+        self.encoded = 0  # views encoded so far, each once
+
+    def __call__(self, views: torch.Tensor, real: torch.Tensor,
+                 encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The latents of ``views`` (indices in the run) whose images are ``real``."""
+        views = views.to(real.device)
+        if self.known is None:
+            self.known = torch.zeros(self.num_views, dtype=torch.bool, device=real.device)
+        missing = ~self.known[views]
+        if missing.any():
+            fresh = encode(real[missing])
+            if self.latents is None:
+                self.latents = torch.empty((self.num_views, *fresh.shape[1:]), dtype=fresh.dtype, device=fresh.device)
+            self.latents[views[missing]] = fresh
+            self.known[views[missing]] = True
+            self.encoded += int(missing.sum())
+        return self.latents[views]  # a copy (advanced indexing): the decoder's backward may save it
+
+
 class DecoderTask(Task):
-    """Decoder (generator) and discriminator heads, two AdamW optimizers on one LR schedule."""
+    """Decoder (generator) and discriminator heads, two AdamW optimizers on one LR schedule. On fixed
+    views (``crops: center``) each rank reads its own share (``census``: the shards the run planned on)."""
 
     columns = ("image",)
 
-    def __init__(self, config: DecoderRunConfig, facts: DecoderFacts) -> None:
-        self.config, self.facts = config, facts
+    def __init__(self, config: DecoderRunConfig, facts: DecoderFacts, census: ShardCensus | None = None) -> None:
+        self.config, self.facts, self.census = config, facts, census
+        if config.crops == "center" and census is None:
+            raise ValueError("a decoder run on fixed views (crops: center) reads its shards itself: pass the census")
+
+    def batch_source(self, loop: LoopConfig, rank: int, world: int) -> BatchSource | None:
+        if self.config.crops != "center":
+            return None
+        return FixedViews(self.census, crop=self.facts.crop, rank=rank, world=world, seed=loop.seed)
 
     def decoder_kwargs(self) -> dict[str, Any]:
         facts = self.facts
@@ -174,6 +222,7 @@ class DecoderTask(Task):
                                                 lr=optim.schedule.base_lr, betas=optim.betas,
                                                 weight_decay=optim.weight_decay)
         self.ema = EMA(self.decoder, config.ema_decay)
+        self.view_latents = ViewLatents(facts.rows) if config.crops == "center" else None
 
     def state(self) -> dict[str, Any]:
         return {"decoder": ModelState(self.decoder, self.optimizer),
@@ -194,12 +243,18 @@ class DecoderTask(Task):
 
     def _encode(self, batch: Batch) -> Batch:
         """The crops as images in [0, 1] (uint8 until they reach the device) and their latents (in
-        fp32, encoded as the store's are). The frozen encoder runs under inference mode, no autograd
-        bookkeeping at all; its latents are copied out of it, as the decoder's backward saves them."""
+        fp32, encoded as the store's are); a fixed view's latent is encoded once (:class:`ViewLatents`)."""
         real = to_unit_images(batch["image"].to(self.ctx.device, non_blocking=True))
+        if self.view_latents is not None:
+            return {"real": real, "latent": self.view_latents(batch["view"], real, self._latents_of)}
+        return {"real": real, "latent": self._latents_of(real)}
+
+    def _latents_of(self, real: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder under inference mode, no autograd bookkeeping at all; its latents are
+        copied out of it, as the decoder's backward saves them."""
         with torch.inference_mode(), autocast(self.ctx.device, self.ctx.dtype):
             latent = self.encoder(real)
-        return {"real": real, "latent": latent.to(torch.float32, copy=True)}
+        return latent.to(torch.float32, copy=True)
 
     def _generator_step(self, pairs: list[Batch], epoch: float, lr: float) -> dict[str, float]:
         self.decoder.train()
@@ -244,7 +299,8 @@ class DecoderTask(Task):
             "kwargs": self.decoder_kwargs(), "ema_decay": self.config.ema_decay,
             "latent_spec": facts.latent_spec.to_dict(), "perceptual": facts.perceptual,
             "discriminator": {"backbone": self.config.discriminator, "weights_digest": facts.disc_digest},
-            "shards": self.config.shards, "crops": {"resize": facts.resize, "crop": facts.crop}}
+            "shards": self.config.shards,
+            "crops": {"kind": self.config.crops, "resize": facts.resize, "crop": facts.crop}}
 
 
 def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
@@ -256,6 +312,8 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
         raise ValueError(f"decoder={config.decoder!r}; choose one of {sorted(DECODER_PRESETS)}")
     if config.discriminator not in BACKBONES:
         raise ValueError(f"discriminator={config.discriminator!r}; choose one of {sorted(BACKBONES)}")
+    if config.crops not in CROPS:
+        raise ValueError(f"crops={config.crops!r}; choose one of {', '.join(CROPS)}")
     encoder = load_encoder(config.encoder, weights=config.encoder_weights,
                            input_size=config.encoder_input_size or None, device="cpu")
     spec = encoder.spec
@@ -267,6 +325,8 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
         build_decoder(config.decoder, latent_channels=spec.channels, grid=spec.grid,
                       noise_tau=config.noise_tau, **config.decoder_overrides)
     resize, crop = crop_sizes(spec.image_size, config.resize, config.crop)
+    if config.crops == "center":
+        resize = crop  # a crop the size of its resized image is that image: the encode's ADM centre crop
     return DecoderFacts(latent_spec=encoder.latent_spec(), image_mean=tuple(spec.mean), image_std=tuple(spec.std),
                         perceptual=perceptual, perceptual_weights=perceptual_weights, disc_digest=disc.weights_digest,
                         rows=0, resize=resize, crop=crop)
@@ -288,11 +348,19 @@ def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, **la
     check_run_length(config.loop)
     facts = resolve_facts(config)
     counted = census(config.shards, resize=facts.resize)
-    check_batch_fits(config.loop, counted.rows, f"the usable images in shards {config.shards}")
-    facts = dataclasses.replace(facts, rows=counted.rows)
+    fixed = config.crops == "center"
+    if fixed:
+        check_fixed_views_fit(counted.rows, facts.crop, facts.latent_spec.tokens * facts.latent_spec.channels,
+                              what=f"the usable images in shards {config.shards}")
+    rows = counted.rows * (VIEWS_PER_IMAGE if fixed else 1)
+    check_batch_fits(config.loop, rows, f"the usable {'views of the ' if fixed else ''}images in shards {config.shards}")
+    facts = dataclasses.replace(facts, rows=rows)
+    crops = (f"fixed views: each image's centre crop at {facts.crop} px and its mirror image, {rows} in all, "
+             f"encoded once" if fixed else f"random crops {facts.resize} -> {facts.crop} px")
     print(f"[{run_name}] {counted.rows} usable images in {len(counted.shards)} shard(s) at {config.shards}, "
-          f"{len(counted.rejected)} skipped; crops {facts.resize} -> {facts.crop} px; latents "
-          f"{facts.latent_spec.describe()}; {describe_loss(config, facts)}", flush=True)
-    dataset = crop_dataset(counted, resize=facts.resize, crop=facts.crop)
-    return train_task(DecoderTask(config, facts), config.loop, rows=facts.rows, run_config=dataclasses.asdict(config),
-                      run_name=run_name, storage=storage, dataset=dataset, **launch_options)
+          f"{len(counted.rejected)} skipped; {crops}; latents {facts.latent_spec.describe()}; "
+          f"{describe_loss(config, facts)}", flush=True)
+    dataset = None if fixed else crop_dataset(counted, resize=facts.resize, crop=facts.crop)
+    return train_task(DecoderTask(config, facts, counted), config.loop, rows=facts.rows,
+                      run_config=dataclasses.asdict(config), run_name=run_name, storage=storage, dataset=dataset,
+                      **launch_options)
