@@ -195,6 +195,19 @@ def test_every_demo_setting_belongs_to_the_stages_whose_output_it_changes():
     assert {"encoder", "seed"} <= set(stage_settings(QUICK_DEMO, "train_dit"))  # through the store it reads
 
 
+def test_the_demos_decoder_trains_on_fixed_views_unless_asked_for_the_papers_random_crops():
+    from jobs.demo.run import DemoConfig, decoder_run_config
+
+    fixed = decoder_run_config(DemoConfig(), "file:///shards")
+    random = decoder_run_config(DemoConfig(decoder_crops="random"), "file:///shards")
+    assert (fixed.crops, random.crops) == ("center", "random")
+    assert (random.resize, random.crop) == (384, 256)  # the paper's, scaled to the encoder's image size at launch
+    # An epoch is a pass over the rows: two views per image on fixed views, so twice the steps.
+    assert fixed.loop.checkpoint_every_steps == 2 * random.loop.checkpoint_every_steps
+    with pytest.raises(ValueError, match="decoder_crops='middle'; choose one of random, center"):
+        decoder_run_config(DemoConfig(decoder_crops="middle"), "file:///shards")
+
+
 def test_finished_stages_made_with_other_settings_are_refused_and_the_rest_reused(tmp_path):
     from jobs.demo.run import check_stage_settings, stage_settings
 
