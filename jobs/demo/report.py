@@ -83,7 +83,8 @@ FULL_SIZE_METHOD = (
     ("images", "{images}", "ImageNet-1k: 1.28 M photographs of 1000 classes, 256 px"),
     ("encoder", "{encoder}", "DINOv2-B with 4 registers (dinov2-b-reg4), 224 px input"),
     ("latent per image", "{tokens} tokens of {channels}", "16x16 = 256 tokens of 768"),
-    ("decoder", "{decoder}", "ViT-XL, 16 epochs at batch 512, L1 + LPIPS, GAN from epoch 8"),
+    ("decoder", "{decoder}", "ViT-XL, 16 epochs at batch 512 of random crops, L1 + LPIPS, GAN from epoch 8, "
+                                "latent noise tau 0.8"),
     ("generator", "{dit}", "DiT^DH-XL, 800 epochs at batch 1024, on GPUs"),
     ("sample quality", "the three numbers above", "FID 1.51 unguided, 1.13 guided (AutoGuidance), 50k samples"),
 )
@@ -306,11 +307,15 @@ def page(config, metrics: dict, latents, classes: list[str], *, per_class: int, 
     label_table = (f", class table initialised at std {float(config.dit_label_init_std):g} (DiT's 0.02: at this "
                    f"size its samples only become class-conditional after ~1,000 steps)"
                    if float(config.dit_label_init_std) != 0.02 else "")
+    crops = ("each training crop's centre view (as the store holds it and the held-out crops are shown) and its "
+             "mirror image, encoded once"
+             if config.decoder_crops == "center" else "random crops")
     demo_side = {"images": f"{len(classes)} photographs, {config.train_per_class} crops each, "
                            f"{latents.image_size} px", "encoder": f"{latents.encoder}, {latents.input_size} px input",
                  "tokens": f"{latents.grid}x{latents.grid} = {latents.tokens}", "channels": latents.channels,
                  "decoder": f"width {config.decoder_width}, depth {config.decoder_depth}, "
-                            f"{config.decoder_epochs} epochs, {loss}, {gan}{unlike_the_paper}", "dit": f"{config.dit_model}, {config.dit_epochs} epochs{label_table}"}
+                            f"{config.decoder_epochs} epochs of {crops}, {loss}, {gan}{unlike_the_paper}, "
+                            f"latent noise tau {float(config.decoder_noise_tau):g}", "dit": f"{config.dit_model}, {config.dit_epochs} epochs{label_table}"}
     sections.append(Section("How the full-size method differs", [
         "The paper (Representation Autoencoders, DiT^DH) runs the same chain at a scale this demo cannot: "
         "its FID is measured on 50,000 samples against ImageNet, which needs a GPU cluster; the demo's three "
