@@ -46,12 +46,22 @@ class Variant:
 
 
 VARIANTS = {
-    "grid4-paper-loss": Variant({}),  # the defaults before issue 17: 4x4 tokens, tau 0.8, GAN from epoch 14
+    # DemoConfig's defaults as they are; recorded before issue 17, when they were 4x4 tokens, tau 0.8, GAN from epoch 14
+    "grid4-paper-loss": Variant({}),
     "grid8-tau0-nogan": Variant({**GRID8, "decoder_noise_tau": 0.0, **NO_GAN}),
     "grid8-tau0-nogan-cfg2": Variant({**GRID8, "decoder_noise_tau": 0.0, **NO_GAN, "cfg_scale": 2.0},
                                      reuse="grid8-tau0-nogan", rerun_from="sample"),
     "grid8-tau0-nogan-cfg4": Variant({**GRID8, "decoder_noise_tau": 0.0, **NO_GAN, "cfg_scale": 4.0},
                                      reuse="grid8-tau0-nogan", rerun_from="sample"),
+    # The decoder's crops, epochs and noise tau (issue 17, 2026-12-01/02): the paper's random crops against
+    # fixed views (each training crop's centre crop and its mirror, encoded once), then what the fixed
+    # views' cheaper steps buy. Each pins what it measured, whatever DemoConfig's defaults become.
+    "random-crops-48-tau0.8": Variant({"decoder_crops": "random", "decoder_epochs": 48, "decoder_noise_tau": 0.8}),
+    **{f"fixed-views-{epochs}-tau{tau:g}": Variant({"decoder_crops": "center", "decoder_epochs": epochs,
+                                                    "decoder_noise_tau": tau})
+       for epochs, tau in ((48, 0.8), (96, 0.8), (96, 0.0), (96, 0.4), (64, 0.4), (120, 0.4))},
+    "fixed-views-64-tau0.4-batch16": Variant({"decoder_crops": "center", "decoder_epochs": 64,
+                                              "decoder_noise_tau": 0.4, "decoder_batch": 16}),
 }
 # --quick measures the cheapest lever (the sampler's guidance) on a finished demo's models (--base):
 # a whole demo, even at toy sizes, is minutes of Ray Train start-up.
@@ -154,6 +164,9 @@ class DecoderPrototype:
     classes: int = 8  # the demo's photographs, crops per class for training and held out
     train_per_class: int = 48
     val_per_class: int = 8
+    # Train on the stored views instead of fresh random crops: each training photo's centre crop and its
+    # mirror image, encoded once before the run (what a latent store holds), so no step runs the encoder.
+    stored_views: bool = False
 
 
 DECODER_PROTOTYPES = {
@@ -170,6 +183,12 @@ DECODER_PROTOTYPES = {
     "grid4-lr4e-3-l1": DecoderPrototype(lr=4e-3, perceptual_weight=0.0),
     "grid4-lr2e-3-l1-w384d6": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, width=384, depth=6),
     "grid8": DecoderPrototype(encoder_input_size=112, crop_size=128),
+    "grid8-lr2e-3-l1": DecoderPrototype(encoder_input_size=112, crop_size=128, lr=2e-3, perceptual_weight=0.0,
+                                        eval_every=48),
+    "grid8-lr2e-3-l1-stored-576": DecoderPrototype(encoder_input_size=112, crop_size=128, lr=2e-3,
+                                                   perceptual_weight=0.0, steps=576, eval_every=96, stored_views=True),
+    "grid4-lr2e-3-l1-stored-2304": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=2304, eval_every=576,
+                                                    stored_views=True),
 }
 
 
@@ -231,16 +250,26 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
                                         weight_decay=0.0) if discriminator else None)
     ema = EMA(decoder, 0.97)
     rng = np.random.default_rng(seed)
+    if proto.stored_views:
+        views = np.concatenate([train, train[:, :, ::-1]])
+        with torch.inference_mode():
+            view_latents = torch.cat([encoder(to_unit_images(torch.from_numpy(np.ascontiguousarray(chunk))))
+                                      for chunk in np.array_split(views, max(1, len(views) // 64))])
     curve, seconds, encoder_seconds = {}, 0.0, 0.0
     for step in range(1, proto.steps + 1):
         started = time.perf_counter()
         warm = min(1.0, step / proto.warmup_steps) if proto.warmup_steps else 1.0
         for group in optimizer.param_groups:
             group["lr"] = proto.lr * warm * (1 - (1 - proto.final_lr_fraction) * step / proto.steps)
-        real = to_unit_images(torch.from_numpy(random_crops(stored[rng.integers(0, len(stored), proto.batch)], size, rng)))
-        with torch.inference_mode():
-            latent = encoder(real)
-        latent = latent.clone()
+        if proto.stored_views:
+            picked = rng.integers(0, len(views), proto.batch)
+            real = to_unit_images(torch.from_numpy(np.ascontiguousarray(views[picked])))
+            latent = view_latents[picked].clone()
+        else:
+            real = to_unit_images(torch.from_numpy(random_crops(stored[rng.integers(0, len(stored), proto.batch)], size, rng)))
+            with torch.inference_mode():
+                latent = encoder(real)
+            latent = latent.clone()
         encoder_seconds += time.perf_counter() - started
         decoder.train()
         if discriminator is not None:
