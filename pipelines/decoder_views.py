@@ -78,7 +78,7 @@ class FixedViews:
         for shard in self.facts.shards:
             for sample in shard_samples(shard, resize=self.crop, limits=self.limits,
                                         num_classes=self.facts.num_classes, storage_options=self.storage_options):
-                if not isinstance(sample, dict):  # a rejected sample, counted by the census
+                if not isinstance(sample, dict):  # (image, label); a rejection (a dict) was counted by the census
                     images.append(sample[0])
         if len(images) != self.facts.rows:
             raise RuntimeError(f"shards {self.facts.url}: {len(images)} usable images now, {self.facts.rows} when "

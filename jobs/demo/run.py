@@ -23,9 +23,8 @@ from pathlib import Path
 
 from jobs.config_overrides import Flag, absolute_paths, add_config_arguments, config_from_args
 from jobs.train.decoder import CROPS as DECODER_CROPS
-from jobs.train.decoder import DecoderRunConfig
+from jobs.train.decoder import DecoderRunConfig, rows_per_image
 from jobs.train.dit import DiTRunConfig
-from pipelines.decoder_views import VIEWS_PER_IMAGE
 from pipelines.encode import EncodeConfig
 from rae.encoders import OFFLINE_ENCODER
 
@@ -131,8 +130,8 @@ def decoder_run_config(config: DemoConfig, shards: str) -> DecoderRunConfig:
     paper = DecoderRunConfig()
     if config.decoder_crops not in DECODER_CROPS:
         raise ValueError(f"DemoConfig: decoder_crops={config.decoder_crops!r}; choose one of {', '.join(DECODER_CROPS)}")
-    views = VIEWS_PER_IMAGE if config.decoder_crops == "center" else 1
-    steps_per_epoch = max(1, config.train_per_class * config.classes * views // config.decoder_batch)
+    rows = config.train_per_class * config.classes * rows_per_image(config.decoder_crops)
+    steps_per_epoch = max(1, rows // config.decoder_batch)
     return dataclasses.replace(
         paper, shards=shards, crops=config.decoder_crops, encoder=config.encoder, encoder_weights=config.encoder_weights,
         encoder_input_size=config.encoder_input_size, decoder="tiny",

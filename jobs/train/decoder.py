@@ -149,6 +149,11 @@ def resolve_perceptual(config: DecoderRunConfig) -> tuple[str | None, str | None
 CROPS = ("random", "center")
 
 
+def rows_per_image(crops: str) -> int:
+    """A run's training rows per usable image: its two fixed views (crops: center), or one random crop."""
+    return VIEWS_PER_IMAGE if crops == "center" else 1
+
+
 class ViewLatents:
     """The frozen encoder's latents of a run's fixed views, each encoded the first time it is drawn
     and read from memory after, on the training device: the encoder is frozen and a view never
@@ -352,7 +357,7 @@ def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, **la
     if fixed:
         check_fixed_views_fit(counted.rows, facts.crop, facts.latent_spec.tokens * facts.latent_spec.channels,
                               what=f"the usable images in shards {config.shards}")
-    rows = counted.rows * (VIEWS_PER_IMAGE if fixed else 1)
+    rows = counted.rows * rows_per_image(config.crops)
     check_batch_fits(config.loop, rows, f"the usable {'views of the ' if fixed else ''}images in shards {config.shards}")
     facts = dataclasses.replace(facts, rows=rows)
     crops = (f"fixed views: each image's centre crop at {facts.crop} px and its mirror image, {rows} in all, "
