@@ -1,6 +1,7 @@
 """The decoder's training objective: L1 + perceptual + adaptively weighted GAN (paper's defaults).
 
-    L_rec   = l1_weight * |x - x_hat|_1 + perceptual_weight * P(x, x_hat)
+    L_rec   = l1_weight * |x - x_hat|_1 + mse_weight * |x - x_hat|_2^2 + perceptual_weight * P(x, x_hat)
+              (means over pixels; mse_weight 0 in the paper, a lever for short runs scored by PSNR)
     L_G     = -mean D(DiffAug(x_hat))
     lambda  = ||grad_W L_rec|| / (||grad_W L_G|| + 1e-6), clamped to [0, 1e4], detached,
               W = the decoder's last layer weight
@@ -27,6 +28,7 @@ class DecoderLossConfig:
     """Loss weights and schedule; defaults are the paper's (16 epochs in all)."""
 
     l1_weight: float = 1.0
+    mse_weight: float = 0.0
     perceptual_weight: float = 1.0
     gan_weight: float = 0.75
     disc_start_epoch: float = 6.0  # discriminator updates from here
@@ -37,9 +39,12 @@ class DecoderLossConfig:
     diffaug_translation: float = 0.125
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "perceptual_weight", "gan_weight", "disc_start_epoch", "gan_start_epoch"):
+        for name in ("l1_weight", "mse_weight", "perceptual_weight", "gan_weight", "disc_start_epoch", "gan_start_epoch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DecoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.l1_weight + self.mse_weight + self.perceptual_weight > 0:
+            raise ValueError("DecoderLossConfig: l1_weight, mse_weight and perceptual_weight are all 0; the decoder "
+                             "would learn no reconstruction")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +138,10 @@ class DecoderLoss(nn.Module):
         l1 = (fake - real).abs().mean()
         rec = self.config.l1_weight * l1
         logs = {"l1": l1.detach()}
+        if self.config.mse_weight > 0:
+            mse = (fake - real).square().mean()
+            rec = rec + self.config.mse_weight * mse
+            logs["mse"] = mse.detach()
         if self.perceptual is not None and self.config.perceptual_weight > 0:
             perceptual = self.perceptual(fake, real).mean()
             rec = rec + self.config.perceptual_weight * perceptual

@@ -184,8 +184,24 @@ def test_gan_term_is_zero_before_its_start_and_discriminator_idle_before_its_sta
 def test_paper_defaults_of_the_loss_config():
     c = DecoderLossConfig()
     assert (c.l1_weight, c.perceptual_weight, c.gan_weight) == (1.0, 1.0, 0.75)
+    assert c.mse_weight == 0.0  # the squared-error term is the demo's lever, not the paper's
     assert (c.disc_start_epoch, c.gan_start_epoch, c.adaptive_weight_max) == (6.0, 8.0, 1e4)
     assert c.diffaug_translation == 0.125 and set(c.diffaug_policy) == {"color", "translation"}
+
+
+def test_the_reconstruction_loss_weighs_l1_and_squared_error_on_hand_picked_pixels():
+    real = torch.zeros(1, 3, 2, 2)
+    fake = torch.tensor([0.5, -0.5, 1.0, 0.0]).repeat(3).reshape(1, 3, 2, 2)  # |e| mean 0.5, e^2 mean 0.375
+    rec, logs = DecoderLoss(DecoderLossConfig(l1_weight=2.0, mse_weight=4.0, perceptual_weight=0.0)
+                            ).reconstruction_loss(real, fake)
+    assert logs["l1"].item() == pytest.approx(0.5) and logs["mse"].item() == pytest.approx(0.375)
+    assert rec.item() == pytest.approx(2.0 * 0.5 + 4.0 * 0.375)
+    rec, logs = DecoderLoss(DecoderLossConfig(perceptual_weight=0.0)).reconstruction_loss(real, fake)
+    assert rec.item() == pytest.approx(0.5) and "mse" not in logs  # off by default: the paper's L1
+    with pytest.raises(ValueError, match=r"DecoderLossConfig.mse_weight must be >= 0, got -1"):
+        DecoderLossConfig(mse_weight=-1.0)
+    with pytest.raises(ValueError, match="all 0; the decoder would learn no reconstruction"):
+        DecoderLossConfig(l1_weight=0.0, perceptual_weight=0.0)
 
 
 def test_missing_perceptual_module_with_nonzero_weight_is_an_error():

@@ -127,6 +127,8 @@ def test_an_l1_alone_run_builds_and_announces_no_perceptual_network(tmp_path, mo
     assert describe_loss(l1_alone, facts) == "loss L1 alone (perceptual weight 0)"
     assert describe_loss(DecoderRunConfig(), dataclasses.replace(facts, perceptual="lpips-vgg")) == (
         "loss L1 + 1 x perceptual (lpips-vgg)")
+    with_mse = DecoderRunConfig(loss=DecoderLossConfig(perceptual_weight=0.0, mse_weight=5.0))
+    assert describe_loss(with_mse, facts) == "loss L1 + 5 x squared error (perceptual weight 0)"
     with pytest.raises(ValueError, match=r"DecoderLossConfig.perceptual_weight must be >= 0, got -0.5"):
         DecoderLossConfig(perceptual_weight=-0.5)
 

@@ -112,7 +112,7 @@ class DecoderFacts:
     latent_spec: LatentSpec  # the encoder's latents (raw: no statistics), copied into the export
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-    perceptual: str | None  # None: the loss's perceptual_weight is 0 (L1 alone), no network is built
+    perceptual: str | None  # None: the loss's perceptual_weight is 0 (pixel losses alone), no network is built
     perceptual_weights: str | None
     disc_digest: str
     rows: int  # the run's training rows: images, or views (VIEWS_PER_IMAGE per image) on fixed views
@@ -339,9 +339,12 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
 
 def describe_loss(config: DecoderRunConfig, facts: DecoderFacts) -> str:
     """The run's reconstruction loss in a few words, for its first line."""
+    loss = config.loss
+    terms = [name if weight == 1 else f"{weight:g} x {name}"
+             for name, weight in (("L1", loss.l1_weight), ("squared error", loss.mse_weight)) if weight]
     if facts.perceptual is None:
-        return "loss L1 alone (perceptual weight 0)"
-    return f"loss L1 + {config.loss.perceptual_weight:g} x perceptual ({facts.perceptual})"
+        return f"loss {' + '.join(terms) or 'none'}{' alone' if len(terms) == 1 else ''} (perceptual weight 0)"
+    return f"loss {' + '.join([*terms, f'{loss.perceptual_weight:g} x perceptual ({facts.perceptual})'])}"
 
 
 def train_decoder(config: DecoderRunConfig, *, run_name: str, storage: str, **launch_options: Any):
