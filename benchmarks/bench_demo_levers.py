@@ -33,6 +33,8 @@ OUTPUTS_OF_STAGE = {"shards": ("shards",), "encode": ("store",), "train_decoder"
                     "train_dit": ("runs/dit",), "sample": ("samples", "samples-unguided")}
 GRID8 = {"encoder_input_size": 112, "crop_size": 128}
 NO_GAN = {"disc_start_epoch": 99.0, "gan_start_epoch": 99.0}
+L1 = {"decoder_l1_weight": 1.0, "decoder_mse_weight": 0.0}  # the decoder's pixel loss before 2026-12-02 session 2
+MSE = {"decoder_l1_weight": 0.0, "decoder_mse_weight": 1.0}  # squared error alone, since
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +57,17 @@ VARIANTS = {
                                      reuse="grid8-tau0-nogan", rerun_from="sample"),
     # The decoder's crops, epochs and noise tau (issue 17, 2026-12-01/02): the paper's random crops against
     # fixed views (each training crop's centre crop and its mirror, encoded once), then what the fixed
-    # views' cheaper steps buy. Each pins what it measured, whatever DemoConfig's defaults become.
-    "random-crops-48-tau0.8": Variant({"decoder_crops": "random", "decoder_epochs": 48, "decoder_noise_tau": 0.8}),
+    # views' cheaper steps buy. Each pins what it measured, whatever DemoConfig's defaults become (these
+    # trained on L1 alone).
+    "random-crops-48-tau0.8": Variant({"decoder_crops": "random", "decoder_epochs": 48, "decoder_noise_tau": 0.8, **L1}),
     **{f"fixed-views-{epochs}-tau{tau:g}": Variant({"decoder_crops": "center", "decoder_epochs": epochs,
-                                                    "decoder_noise_tau": tau})
+                                                    "decoder_noise_tau": tau, **L1})
        for epochs, tau in ((48, 0.8), (96, 0.8), (96, 0.0), (96, 0.4), (64, 0.4), (120, 0.4))},
     "fixed-views-64-tau0.4-batch16": Variant({"decoder_crops": "center", "decoder_epochs": 64,
-                                              "decoder_noise_tau": 0.4, "decoder_batch": 16}),
+                                              "decoder_noise_tau": 0.4, "decoder_batch": 16, **L1}),
+    # The pixel loss (2026-12-02 session 2): squared error alone, the defaults since.
+    **{f"fixed-views-{epochs}-tau0.4-mse": Variant({"decoder_crops": "center", "decoder_epochs": epochs,
+                                                    "decoder_noise_tau": 0.4, **MSE}) for epochs in (64, 96)},
 }
 # --quick measures the cheapest lever (the sampler's guidance) on a finished demo's models (--base):
 # a whole demo, even at toy sizes, is minutes of Ray Train start-up.
@@ -167,6 +173,10 @@ class DecoderPrototype:
     # Train on the stored views instead of fresh random crops: each training photo's centre crop and its
     # mirror image, encoded once before the run (what a latent store holds), so no step runs the encoder.
     stored_views: bool = False
+    ema_decay: float = 0.97  # the demo's
+    other_ema_decays: tuple[float, ...] = ()  # kept beside it, scored by PSNR alone (free levers)
+    mse_weight: float = 0.0  # a squared-error term beside L1 (PSNR is squared error)
+    l1_weight: float = 1.0
 
 
 DECODER_PROTOTYPES = {
@@ -189,6 +199,25 @@ DECODER_PROTOTYPES = {
                                                    perceptual_weight=0.0, steps=576, eval_every=96, stored_views=True),
     "grid4-lr2e-3-l1-stored-2304": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=2304, eval_every=576,
                                                     stored_views=True),
+    # The demo's decoder run (fixed views, 64 epochs = 1536 steps, tau 0.4, L1, lr 2e-3 decaying to a
+    # tenth), and levers that cost nothing per step: other EMA decays, a squared-error term, the rate.
+    "demo-views-1536": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
+                                        stored_views=True, noise_tau=0.4),
+    "demo-views-1536-emas": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
+                                             stored_views=True, noise_tau=0.4, other_ema_decays=(0.99, 0.995, 0.998)),
+    "demo-views-1536-mse": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
+                                            stored_views=True, noise_tau=0.4, mse_weight=5.0, other_ema_decays=(0.99, 0.995)),
+    "demo-views-1536-mse-only": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
+                                                 stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0),
+    "demo-views-1536-mse-only-lr3e-3": DecoderPrototype(lr=3e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
+                                                        stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0),
+    "demo-views-1536-mse-only-final0.3": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
+                                                          stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0,
+                                                          final_lr_fraction=0.3),
+    "demo-views-2304-mse-only": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=2304, eval_every=384,
+                                                 stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0),
+    "demo-views-1536-mse-lr3e-3": DecoderPrototype(lr=3e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
+                                                   stored_views=True, noise_tau=0.4, mse_weight=5.0),
 }
 
 
@@ -241,14 +270,15 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
     never = float(proto.steps + 1)
     discriminator = build_discriminator(OFFLINE_ENCODER, input_size=proto.encoder_input_size) if proto.gan_steps else None
     loss = DecoderLoss(DecoderLossConfig(
-        perceptual_weight=proto.perceptual_weight,
+        l1_weight=proto.l1_weight, perceptual_weight=proto.perceptual_weight,
         disc_start_epoch=float(proto.steps - proto.gan_steps - proto.disc_lead_steps) if proto.gan_steps else never,
         gan_start_epoch=float(proto.steps - proto.gan_steps) if proto.gan_steps else never),
         perceptual=build_perceptual_loss("efficientnet-lite0"), discriminator=discriminator)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=proto.lr, betas=(0.9, 0.95), weight_decay=0.0)
     disc_optimizer = (torch.optim.AdamW(discriminator.trainable_parameters(), lr=proto.lr, betas=(0.9, 0.95),
                                         weight_decay=0.0) if discriminator else None)
-    ema = EMA(decoder, 0.97)
+    ema = EMA(decoder, proto.ema_decay)
+    other_emas = {decay: EMA(decoder, decay) for decay in proto.other_ema_decays}
     rng = np.random.default_rng(seed)
     if proto.stored_views:
         views = np.concatenate([train, train[:, :, ::-1]])
@@ -274,12 +304,16 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
         decoder.train()
         if discriminator is not None:
             discriminator.eval()
-        total, _ = loss.generator_loss(real, decoder(decoder.augment_with_noise(latent)), epoch=float(step),
-                                       last_layer_weight=decoder.last_layer_weight)
+        fake = decoder(decoder.augment_with_noise(latent))
+        total, _ = loss.generator_loss(real, fake, epoch=float(step), last_layer_weight=decoder.last_layer_weight)
+        if proto.mse_weight:
+            total = total + proto.mse_weight * torch.nn.functional.mse_loss(fake, real)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
         ema.update(decoder)
+        for other in other_emas.values():
+            other.update(decoder)
         if loss.discriminator_active(float(step)):
             with torch.no_grad():
                 fake = decoder.eval()(latent)
@@ -296,7 +330,15 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
             with torch.no_grad():
                 recon = to_uint8_images(averaged(z_val)).numpy()
             recon_features = pooled_features(encoder, recon)
+            others = {}
+            for decay, other in [("raw", None), *other_emas.items()]:
+                scored = copy.deepcopy(decoder).eval()
+                if other is not None:
+                    scored.load_state_dict(other.shadow)
+                with torch.no_grad():
+                    others[str(decay)] = round(float(psnr(val, to_uint8_images(scored(z_val)).numpy()).mean()), 2)
             curve[step] = {"seconds": round(seconds, 1), "psnr_db": round(float(psnr(val, recon).mean()), 2),
+                           "psnr_db_other_weights": others,
                            "ceiling_class_consistency": round(nearest_centroid_accuracy(recon_features, val_labels, centroids), 3),
                            "ceiling_fd_ratio": round(frechet(recon_features, train_features) / heldout_fd, 2)}
     mean_image = np.broadcast_to(train.mean(axis=0).round().astype(np.uint8), val.shape)

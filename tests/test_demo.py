@@ -208,6 +208,15 @@ def test_the_demos_decoder_trains_on_fixed_views_unless_asked_for_the_papers_ran
         decoder_run_config(DemoConfig(decoder_crops="middle"), "file:///shards")
 
 
+def test_the_demos_decoder_trains_on_squared_error_and_the_quick_demo_on_the_papers_loss():
+    from jobs.demo.run import DemoConfig, decoder_run_config
+
+    demo = decoder_run_config(DemoConfig(), "file:///shards").loss
+    quick = decoder_run_config(QUICK_DEMO, "file:///shards").loss
+    assert (demo.l1_weight, demo.mse_weight, demo.perceptual_weight) == (0.0, 1.0, 0.0)
+    assert (quick.l1_weight, quick.mse_weight, quick.perceptual_weight) == (1.0, 0.0, 1.0)
+
+
 def test_finished_stages_made_with_other_settings_are_refused_and_the_rest_reused(tmp_path):
     from jobs.demo.run import check_stage_settings, stage_settings
 

@@ -300,10 +300,14 @@ def page(config, metrics: dict, latents, classes: list[str], *, per_class: int, 
                                                             ("this invocation", timings["this_invocation"], "")])))
     gan = (f"GAN from epoch {float(config.gan_start_epoch):g}" if config.gan_start_epoch is not None
            else "no GAN phase")
-    l1_alone = config.decoder_perceptual_weight == 0
-    loss = "L1 alone" if l1_alone else f"L1 + {config.decoder_perceptual_weight:g} x perceptual"
-    unlike_the_paper = (" (at this size the perceptual and GAN terms did not pay for their time: benchmarks/README.md)"
-                        if l1_alone and config.gan_start_epoch is None else "")
+    no_perceptual = config.decoder_perceptual_weight == 0
+    terms = [name if weight == 1 else f"{weight:g} x {name}" for name, weight in (
+        ("L1", config.decoder_l1_weight), ("squared error", config.decoder_mse_weight)) if weight]
+    terms += [f"{config.decoder_perceptual_weight:g} x perceptual"] if not no_perceptual else []
+    loss = " + ".join(terms) + (" alone" if len(terms) == 1 else "")
+    unlike_the_paper = (" (the paper's loss is L1 + perceptual + GAN; at this size the perceptual and GAN terms did "
+                        "not pay for their time, and squared error, which PSNR scores, trained faster than L1: "
+                        "benchmarks/README.md)" if no_perceptual and config.gan_start_epoch is None else "")
     label_table = (f", class table initialised at std {float(config.dit_label_init_std):g} (DiT's 0.02: at this "
                    f"size its samples only become class-conditional after ~1,000 steps)"
                    if float(config.dit_label_init_std) != 0.02 else "")

@@ -69,6 +69,12 @@ class DemoConfig:
     # ran 0.30 s a step against 0.95 and reached 17.4 dB after 192 steps (against 16.8) and 18.4 dB after
     # 1152 (the paper's loss: 17.6 after 768), the decoder's ceiling for samples 0.41 / 6.8x against 0.30 / 6.6x.
     decoder_perceptual_weight: float = 0.0
+    # The pixel loss: squared error alone, not the paper's L1 (PSNR scores squared error). Measured in-process
+    # on the demo's decoder run (1536 steps of fixed views, benchmarks/README.md): L1 19.6 dB, the decoder's
+    # ceiling for samples 0.48 / 3.1x; L1 + 5 x squared error 19.7, 0.59 / 3.2x; squared error alone 19.8,
+    # 0.61 / 2.6x, and 19.6 dB already at half the steps.
+    decoder_l1_weight: float = 0.0
+    decoder_mse_weight: float = 1.0
     # The paper's GAN phase (D from epoch 6 of 16, its term from epoch 8) is off by default (None): at
     # this size, measured in-process, 24 GAN steps at the end left PSNR (16.9 dB) and the decoder's
     # ceiling consistency (0.27) as they were, raised its FD ratio from 10.2x to 16.5x and cost +70%
@@ -97,7 +103,8 @@ class DemoConfig:
 # decoder loss (the perceptual term and the GAN phase), so the tests run those paths end to end.
 QUICK_DEMO = dataclasses.replace(
     DemoConfig(), classes=3, train_per_class=16, val_per_class=2, encoder_input_size=56, decoder_width=64,
-    decoder_depth=1, decoder_epochs=3, decoder_batch=16, decoder_perceptual_weight=1.0, disc_start_epoch=1.0,
+    decoder_depth=1, decoder_epochs=3, decoder_batch=16, decoder_l1_weight=1.0, decoder_mse_weight=0.0,
+    decoder_perceptual_weight=1.0, disc_start_epoch=1.0,
     gan_start_epoch=2.0, dit_model="ditdh-tiny", dit_epochs=6, dit_batch=16, samples_per_class=2, sample_steps=8)
 
 
@@ -123,8 +130,8 @@ def gan_phase(config: DemoConfig) -> dict[str, float]:
 
 
 def decoder_run_config(config: DemoConfig, shards: str) -> DecoderRunConfig:
-    """The paper's decoder run, shrunk to the demo's sizes: a tiny decoder, the demo's loss (L1 alone by
-    default; the offline perceptual loss and discriminator when set), epochs, batch, learning rate and EMA. Its workers share this machine's
+    """The paper's decoder run, shrunk to the demo's sizes: a tiny decoder, the demo's loss (squared error
+    alone by default; L1, the offline perceptual loss and discriminator when set), epochs, batch, learning rate and EMA. Its workers share this machine's
     cores for torch (Ray would give a 0.5-CPU worker one thread; measured: 52-61 -> 64-67 images/s. The
     DiT's small steps gained nothing from a second thread beside its reader, so its workers keep one)."""
     paper = DecoderRunConfig()
@@ -140,6 +147,7 @@ def decoder_run_config(config: DemoConfig, shards: str) -> DecoderRunConfig:
         noise_tau=float(config.decoder_noise_tau), perceptual="efficientnet-lite0", discriminator="dinov2-s-offline",
         disc_input_size=config.encoder_input_size,
         loss=dataclasses.replace(paper.loss, perceptual_weight=float(config.decoder_perceptual_weight),
+                                 l1_weight=float(config.decoder_l1_weight), mse_weight=float(config.decoder_mse_weight),
                                  **gan_phase(config)),
         loop=dataclasses.replace(paper.loop, epochs=config.decoder_epochs, global_batch_size=config.decoder_batch,
                                  max_micro_batch=config.decoder_batch, log_every_steps=min(20, steps_per_epoch),
@@ -178,7 +186,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "train_decoder": ("encoder", "encoder_weights", "encoder_input_size", "decoder_width", "decoder_depth",
                       "decoder_epochs", "decoder_batch", "decoder_lr", "decoder_ema", "decoder_noise_tau",
                       "decoder_crops",
-                      "decoder_perceptual_weight", "gan_start_epoch", "disc_start_epoch"),
+                      "decoder_perceptual_weight", "decoder_l1_weight", "decoder_mse_weight", "gan_start_epoch", "disc_start_epoch"),
     "train_dit": ("dit_model", "dit_label_init_std", "dit_epochs", "dit_batch", "dit_lr", "dit_ema"),
     "sample": ("samples_per_class", "sample_steps", "cfg_scale"),
 }
