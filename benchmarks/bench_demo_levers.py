@@ -214,8 +214,6 @@ DECODER_PROTOTYPES = {
     "demo-views-1536-mse-only-final0.3": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
                                                           stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0,
                                                           final_lr_fraction=0.3),
-    "demo-views-2304-mse-only": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=2304, eval_every=384,
-                                                 stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0),
     "demo-views-1536-mse-lr3e-3": DecoderPrototype(lr=3e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
                                                    stored_views=True, noise_tau=0.4, mse_weight=5.0),
 }
