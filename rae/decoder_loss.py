@@ -47,6 +47,12 @@ class DecoderLossConfig:
                              "would learn no reconstruction")
 
 
+def pixel_loss_terms(config: DecoderLossConfig) -> list[str]:
+    """The pixel terms in words, for consoles and reports: ["L1"], ["squared error"], ["L1", "5 x squared error"]."""
+    return [name if weight == 1 else f"{weight:g} x {name}"
+            for name, weight in (("L1", config.l1_weight), ("squared error", config.mse_weight)) if weight]
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure functions
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from jobs.demo.report_page import Report, Section, Table, image_grid, loss_curves
+from rae.decoder_loss import DecoderLossConfig, pixel_loss_terms
 from rae.image_tensors import to_uint8_images, to_unit_images
 
 
@@ -301,8 +302,8 @@ def page(config, metrics: dict, latents, classes: list[str], *, per_class: int, 
     gan = (f"GAN from epoch {float(config.gan_start_epoch):g}" if config.gan_start_epoch is not None
            else "no GAN phase")
     no_perceptual = config.decoder_perceptual_weight == 0
-    terms = [name if weight == 1 else f"{weight:g} x {name}" for name, weight in (
-        ("L1", config.decoder_l1_weight), ("squared error", config.decoder_mse_weight)) if weight]
+    terms = pixel_loss_terms(DecoderLossConfig(l1_weight=config.decoder_l1_weight, mse_weight=config.decoder_mse_weight,
+                                               perceptual_weight=config.decoder_perceptual_weight))
     terms += [f"{config.decoder_perceptual_weight:g} x perceptual"] if not no_perceptual else []
     loss = " + ".join(terms) + (" alone" if len(terms) == 1 else "")
     unlike_the_paper = (" (the paper's loss is L1 + perceptual + GAN; at this size the perceptual and GAN terms did "

@@ -60,7 +60,7 @@ from jobs.train.loop import (
     full_state_dict,
 )
 from rae.decoder import DECODER_PRESETS, build_decoder
-from rae.decoder_loss import DecoderLoss, DecoderLossConfig
+from rae.decoder_loss import DecoderLoss, DecoderLossConfig, pixel_loss_terms
 from rae.discriminator import BACKBONES, build_discriminator
 from rae.ema import EMA
 from rae.encoders import DEFAULT_ENCODER, ENCODER_PRESETS, load_encoder
@@ -340,8 +340,7 @@ def resolve_facts(config: DecoderRunConfig) -> DecoderFacts:
 def describe_loss(config: DecoderRunConfig, facts: DecoderFacts) -> str:
     """The run's reconstruction loss in a few words, for its first line."""
     loss = config.loss
-    terms = [name if weight == 1 else f"{weight:g} x {name}"
-             for name, weight in (("L1", loss.l1_weight), ("squared error", loss.mse_weight)) if weight]
+    terms = pixel_loss_terms(loss)
     if facts.perceptual is None:
         return f"loss {' + '.join(terms) or 'none'}{' alone' if len(terms) == 1 else ''} (perceptual weight 0)"
     return f"loss {' + '.join([*terms, f'{loss.perceptual_weight:g} x perceptual ({facts.perceptual})'])}"
