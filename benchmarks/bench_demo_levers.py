@@ -173,11 +173,13 @@ class DecoderPrototype:
     # Train on the stored views instead of fresh random crops: each training photo's centre crop and its
     # mirror image, encoded once before the run (what a latent store holds), so no step runs the encoder.
     stored_views: bool = False
-    ema_decay: float = 0.97  # the demo's
-    other_ema_decays: tuple[float, ...] = ()  # kept beside it, scored by PSNR alone (free levers)
-    mse_weight: float = 0.0  # a squared-error term beside L1 (PSNR is squared error)
+    other_ema_decays: tuple[float, ...] = ()  # kept beside the demo's 0.97, scored by PSNR alone (free levers)
     l1_weight: float = 1.0
+    mse_weight: float = 0.0  # squared error beside (or, with l1_weight 0, instead of) L1; PSNR is squared error
 
+
+DEMO_DECODER_RUN = DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384, stored_views=True,
+                                    noise_tau=0.4)
 
 DECODER_PROTOTYPES = {
     "grid4": DecoderPrototype(),
@@ -201,21 +203,14 @@ DECODER_PROTOTYPES = {
                                                     stored_views=True),
     # The demo's decoder run (fixed views, 64 epochs = 1536 steps, tau 0.4, L1, lr 2e-3 decaying to a
     # tenth), and levers that cost nothing per step: other EMA decays, a squared-error term, the rate.
-    "demo-views-1536": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
-                                        stored_views=True, noise_tau=0.4),
-    "demo-views-1536-emas": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
-                                             stored_views=True, noise_tau=0.4, other_ema_decays=(0.99, 0.995, 0.998)),
-    "demo-views-1536-mse": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
-                                            stored_views=True, noise_tau=0.4, mse_weight=5.0, other_ema_decays=(0.99, 0.995)),
-    "demo-views-1536-mse-only": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
-                                                 stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0),
-    "demo-views-1536-mse-only-lr3e-3": DecoderPrototype(lr=3e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
-                                                        stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0),
-    "demo-views-1536-mse-only-final0.3": DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
-                                                          stored_views=True, noise_tau=0.4, mse_weight=5.0, l1_weight=0.0,
-                                                          final_lr_fraction=0.3),
-    "demo-views-1536-mse-lr3e-3": DecoderPrototype(lr=3e-3, perceptual_weight=0.0, steps=1536, eval_every=384,
-                                                   stored_views=True, noise_tau=0.4, mse_weight=5.0),
+    "demo-views-1536": DEMO_DECODER_RUN,
+    "demo-views-1536-emas": dataclasses.replace(DEMO_DECODER_RUN, other_ema_decays=(0.99, 0.995, 0.998)),
+    "demo-views-1536-mse": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=5.0, other_ema_decays=(0.99, 0.995)),
+    "demo-views-1536-mse-lr3e-3": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=5.0, lr=3e-3),
+    "demo-views-1536-mse-only": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=5.0, l1_weight=0.0),
+    "demo-views-1536-mse-only-lr3e-3": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=5.0, l1_weight=0.0, lr=3e-3),
+    "demo-views-1536-mse-only-final0.3": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=5.0, l1_weight=0.0,
+                                                             final_lr_fraction=0.3),
 }
 
 
@@ -268,14 +263,14 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
     never = float(proto.steps + 1)
     discriminator = build_discriminator(OFFLINE_ENCODER, input_size=proto.encoder_input_size) if proto.gan_steps else None
     loss = DecoderLoss(DecoderLossConfig(
-        l1_weight=proto.l1_weight, perceptual_weight=proto.perceptual_weight,
+        l1_weight=proto.l1_weight, mse_weight=proto.mse_weight, perceptual_weight=proto.perceptual_weight,
         disc_start_epoch=float(proto.steps - proto.gan_steps - proto.disc_lead_steps) if proto.gan_steps else never,
         gan_start_epoch=float(proto.steps - proto.gan_steps) if proto.gan_steps else never),
         perceptual=build_perceptual_loss("efficientnet-lite0"), discriminator=discriminator)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=proto.lr, betas=(0.9, 0.95), weight_decay=0.0)
     disc_optimizer = (torch.optim.AdamW(discriminator.trainable_parameters(), lr=proto.lr, betas=(0.9, 0.95),
                                         weight_decay=0.0) if discriminator else None)
-    ema = EMA(decoder, proto.ema_decay)
+    ema = EMA(decoder, 0.97)
     other_emas = {decay: EMA(decoder, decay) for decay in proto.other_ema_decays}
     rng = np.random.default_rng(seed)
     if proto.stored_views:
@@ -302,10 +297,8 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
         decoder.train()
         if discriminator is not None:
             discriminator.eval()
-        fake = decoder(decoder.augment_with_noise(latent))
-        total, _ = loss.generator_loss(real, fake, epoch=float(step), last_layer_weight=decoder.last_layer_weight)
-        if proto.mse_weight:
-            total = total + proto.mse_weight * torch.nn.functional.mse_loss(fake, real)
+        total, _ = loss.generator_loss(real, decoder(decoder.augment_with_noise(latent)), epoch=float(step),
+                                       last_layer_weight=decoder.last_layer_weight)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
