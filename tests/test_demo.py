@@ -382,3 +382,29 @@ def test_token_block_means_fill_each_tokens_pixels_with_their_mean_colour():
     assert (psnr(images, blocks) > psnr(images, token_block_means(images, 1))).all()  # a finer grid is closer
     with pytest.raises(ValueError, match="do not divide into a 3x3 token grid"):
         token_block_means(images, 3)
+
+
+def test_the_held_out_crops_do_not_move_when_the_training_set_grows(tmp_path):
+    """Each class and split draws its crops from a stream of its own, so demos (and lever runs) with
+    different training sizes are scored on the same held-out images, and the larger training set
+    holds the smaller one's crops."""
+    import numpy as np
+    from PIL import Image
+
+    from jobs.demo.photos import make_demo_images
+
+    def pixels(folder):
+        return [np.asarray(Image.open(p)) for p in sorted(folder.rglob("*.jpg"))]
+
+    small = make_demo_images(tmp_path / "small", classes=2, train_per_class=3, val_per_class=2, size=24)
+    large = make_demo_images(tmp_path / "large", classes=2, train_per_class=6, val_per_class=2, size=24)
+    assert all((a == b).all() for a, b in zip(pixels(small.val), pixels(large.val), strict=True))
+    for name in small.classes:
+        grown = pixels(large.train / name)
+        assert len(grown) == 6
+        assert all((a == b).all() for a, b in zip(pixels(small.train / name), grown[:3], strict=False))
+    # and the splits are not one stream cut twice: no held-out crop is also a training crop
+    assert not any((v == t).all() for v in pixels(large.val) for t in pixels(large.train))
+    # cut again smaller in the same folder: the crops of the larger set do not stay behind
+    again = make_demo_images(tmp_path / "large", classes=2, train_per_class=3, val_per_class=2, size=24)
+    assert all((a == b).all() for a, b in zip(pixels(small.train), pixels(again.train), strict=True))

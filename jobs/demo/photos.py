@@ -10,6 +10,7 @@ of validation crops the decoder never saw.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from PIL import Image
 # skimage.data loaders of real colour photographs that ship inside the wheel (no download).
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
           "retina", "stereo_motorcycle")
+
+
+_SPLITS = ("train", "val")
+_CROP_STREAMS = "streams-per-class-and-split"  # in done.txt: a folder cut by the earlier single stream is redone
 
 
 @dataclass(frozen=True)
@@ -61,22 +66,26 @@ def random_crops(photo: np.ndarray, count: int, size: int, rng: np.random.Genera
     return crops
 
 
-def make_demo_images(root: Path, *, classes: int = len(PHOTOS), train_per_class: int = 48,
+def make_demo_images(root: Path, *, classes: int = len(PHOTOS), train_per_class: int = 96,
                      val_per_class: int = 8, size: int = 96, seed: int = 0) -> DemoImageSet:
     """Write ``root/train/<class>/<i>.jpg`` and ``root/val/<class>/<i>.jpg``; idempotent."""
     if not 1 <= classes <= len(PHOTOS):
         raise ValueError(f"the demo has {len(PHOTOS)} photographs; asked for {classes} classes")
     names = PHOTOS[:classes]
     done = root / "done.txt"
-    expected = f"{names} {train_per_class} {val_per_class} {size} {seed}"
+    expected = f"{names} {train_per_class} {val_per_class} {size} {seed} {_CROP_STREAMS}"
     if not (done.exists() and done.read_text() == expected):
-        rng = np.random.default_rng(seed)
-        for name in names:
-            crops = random_crops(load_photo(name), train_per_class + val_per_class, size, rng)
-            for split, part in (("train", crops[:train_per_class]), ("val", crops[train_per_class:])):
+        for split in _SPLITS:  # crops of another size or count would otherwise stay beside the new ones
+            shutil.rmtree(root / split, ignore_errors=True)
+        for index, name in enumerate(names):
+            photo = load_photo(name)
+            for split, count in (("train", train_per_class), ("val", val_per_class)):
+                # One random stream per class and split: the held-out crops do not move when the training
+                # set grows, and a larger training set starts with the smaller one's crops.
+                rng = np.random.default_rng([seed, index, _SPLITS.index(split)])
                 folder = root / split / name
                 folder.mkdir(parents=True, exist_ok=True)
-                for i, crop in enumerate(part):
+                for i, crop in enumerate(random_crops(photo, count, size, rng)):
                     crop.save(folder / f"{name}_{i:04d}.jpg", quality=95)
         done.write_text(expected)
     return DemoImageSet(root / "train", root / "val", names, train_per_class, val_per_class)
