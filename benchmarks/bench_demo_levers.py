@@ -68,6 +68,19 @@ VARIANTS = {
     # The pixel loss (2026-12-02 session 2): squared error alone, the defaults since.
     **{f"fixed-views-{epochs}-tau0.4-mse": Variant({"decoder_crops": "center", "decoder_epochs": epochs,
                                                     "decoder_noise_tau": 0.4, **MSE}) for epochs in (64, 96)},
+    # The training set's size (2026-12-02 session 3): twice the crops per class at the same decoder and DiT
+    # steps. From here on the held-out crops no longer move with the training size; the runs above were
+    # scored on the crops the earlier single random stream cut (block-means baseline 19.06 dB, now 19.78).
+    "fixed-views-32-tau0.4-mse-96-per-class": Variant({"train_per_class": 96, "decoder_crops": "center",
+                                                       "decoder_epochs": 32, "decoder_noise_tau": 0.4,
+                                                       "dit_epochs": 10, **MSE}),
+    **{f"fixed-views-32-tau0.4-mse-96-per-class-cfg{scale:g}": Variant(
+        {"train_per_class": 96, "decoder_crops": "center", "decoder_epochs": 32, "decoder_noise_tau": 0.4,
+         "dit_epochs": 10, **MSE, "cfg_scale": scale}, reuse="fixed-views-32-tau0.4-mse-96-per-class",
+        rerun_from="sample") for scale in (2.0, 4.0, 5.0)},
+    "fixed-views-64-tau0.4-mse-48-per-class": Variant({"train_per_class": 48, "decoder_crops": "center",
+                                                       "decoder_epochs": 64, "decoder_noise_tau": 0.4,
+                                                       "dit_epochs": 20, **MSE}),
 }
 # --quick measures the cheapest lever (the sampler's guidance) on a finished demo's models (--base):
 # a whole demo, even at toy sizes, is minutes of Ray Train start-up.
@@ -176,6 +189,7 @@ class DecoderPrototype:
     other_ema_decays: tuple[float, ...] = ()  # kept beside the demo's 0.97, scored by PSNR alone (free levers)
     l1_weight: float = 1.0
     mse_weight: float = 0.0  # squared error beside (or, with l1_weight 0, instead of) L1; PSNR is squared error
+    weight_decay: float = 0.0
 
 
 DEMO_DECODER_RUN = DecoderPrototype(lr=2e-3, perceptual_weight=0.0, steps=1536, eval_every=384, stored_views=True,
@@ -211,6 +225,12 @@ DECODER_PROTOTYPES = {
     "demo-views-1536-mse-only-lr3e-3": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=5.0, l1_weight=0.0, lr=3e-3),
     "demo-views-1536-mse-only-final0.3": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=5.0, l1_weight=0.0,
                                                              final_lr_fraction=0.3),
+    # The demo's decoder run on squared error with 48 crops per class, and what its plateau was (the training
+    # PSNR beside the held-out one): capacity or the training set. Twice the crops at the same steps is the demo's
+    # run since 2026-12-02 session 3.
+    "demo-mse": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=1.0, l1_weight=0.0),
+    "demo-mse-wd0.05": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=1.0, l1_weight=0.0, weight_decay=0.05),
+    "demo-mse-96-per-class": dataclasses.replace(DEMO_DECODER_RUN, mse_weight=1.0, l1_weight=0.0, train_per_class=96),
 }
 
 
@@ -230,7 +250,7 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
     import torch
 
     from jobs.demo.photos import make_demo_images
-    from jobs.demo.report import frechet, nearest_centroid_accuracy, pooled_features, psnr
+    from jobs.demo.report import frechet, nearest_centroid_accuracy, pooled_features, psnr, token_block_means
     from pipelines.decoder_crops import crop_sizes, random_crops
     from rae.decoder import build_decoder
     from rae.decoder_loss import DecoderLoss, DecoderLossConfig
@@ -267,7 +287,7 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
         disc_start_epoch=float(proto.steps - proto.gan_steps - proto.disc_lead_steps) if proto.gan_steps else never,
         gan_start_epoch=float(proto.steps - proto.gan_steps) if proto.gan_steps else never),
         perceptual=build_perceptual_loss("efficientnet-lite0"), discriminator=discriminator)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=proto.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=proto.lr, betas=(0.9, 0.95), weight_decay=proto.weight_decay)
     disc_optimizer = (torch.optim.AdamW(discriminator.trainable_parameters(), lr=proto.lr, betas=(0.9, 0.95),
                                         weight_decay=0.0) if discriminator else None)
     ema = EMA(decoder, 0.97)
@@ -320,6 +340,12 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
             averaged.load_state_dict(ema.shadow)
             with torch.no_grad():
                 recon = to_uint8_images(averaged(z_val)).numpy()
+                # The same count of training crops, to tell a gap to the training set from a capacity limit.
+                every = np.arange(0, len(train), max(1, len(train) // len(val)))[:len(val)]
+                seen = train[every]
+                seen_latents = (view_latents[every] if proto.stored_views
+                                else encoder(to_unit_images(torch.from_numpy(np.ascontiguousarray(seen)))))
+                train_psnr = float(psnr(seen, to_uint8_images(averaged(seen_latents)).numpy()).mean())
             recon_features = pooled_features(encoder, recon)
             others = {}
             for decay, other in [("raw", None), *other_emas.items()]:
@@ -329,12 +355,14 @@ def measure_decoder(root: Path, proto: DecoderPrototype, seed: int = 0) -> dict[
                 with torch.no_grad():
                     others[str(decay)] = round(float(psnr(val, to_uint8_images(scored(z_val)).numpy()).mean()), 2)
             curve[step] = {"seconds": round(seconds, 1), "psnr_db": round(float(psnr(val, recon).mean()), 2),
+                           "train_psnr_db": round(train_psnr, 2),
                            "psnr_db_other_weights": others,
                            "ceiling_class_consistency": round(nearest_centroid_accuracy(recon_features, val_labels, centroids), 3),
                            "ceiling_fd_ratio": round(frechet(recon_features, train_features) / heldout_fd, 2)}
     mean_image = np.broadcast_to(train.mean(axis=0).round().astype(np.uint8), val.shape)
     return {"prototype": dataclasses.asdict(proto), "image_size": size, "by_step": curve,
             "mean_image_psnr_db": round(float(psnr(val, mean_image).mean()), 2),
+            "token_block_means_psnr_db": round(float(psnr(val, token_block_means(val, encoder.spec.grid)).mean()), 2),
             "class_consistency_real_heldout": round(nearest_centroid_accuracy(val_features, val_labels, centroids), 3),
             "seconds_per_step": round(seconds / proto.steps, 3), "encoder_seconds_per_step": round(encoder_seconds / proto.steps, 3),
             "train_images": len(train), "val_images": len(val), "loadavg_end": list(os.getloadavg())}
