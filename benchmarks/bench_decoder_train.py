@@ -8,9 +8,15 @@ GPU the step's MFU with bf16 autocast and compiled decoder blocks, eager bf16 an
 
 FLOPs per image are counted, not modelled: one eager step traced with FlopCounterMode (every
 forward and backward the step runs: encoder, decoder, perceptual network, discriminator). The peak is
-a measured bf16 matmul. The GPU part needs CUDA and is recorded as not run otherwise.
+a measured bf16 matmul. The GPU part needs CUDA and is recorded as not run otherwise; it runs the
+paper's networks (DINOv2-B, LPIPS-VGG, DINO ViT-S/8) from random weight files, and needs the `lpips`
+package (benchmarks/run_gpu.sh says how to carry it to a GPU machine). The CPU part runs this
+machine's offline networks (DINOv2-S, EfficientNet-Lite0) at 56 px.
 
-    python -m benchmarks.bench_decoder_train [--quick]
+    python -m benchmarks.bench_decoder_train [--quick] [--gpu-only]
+
+``--gpu-only`` skips the CPU comparisons (17 minutes on the 2-core VM, one thread each, and a
+measurement of that machine, not of a GPU node) so that a GPU slot spends its minutes on the GPU part.
 """
 from __future__ import annotations
 
@@ -45,16 +51,62 @@ def run_config(*, decoder: str, encoder_size: int, disc_size: int, precision: st
                             loop=LoopConfig(precision=precision, compile=compile))
 
 
+def paper_weight_files(root: Path) -> dict[str, str]:
+    """The paper's frozen networks as the weight files a run loads, with random weights: DINOv2-B with
+    registers (the encoder), DINO ViT-S/8 (the discriminator's trunk) and VGG16's convolutions (the
+    LPIPS trunk). The GPU part measures time and counted FLOPs, which do not depend on the weights, and
+    a GPU machine has neither the hub nor this machine's offline weight packages."""
+    import timm
+
+    from rae.discriminator import BACKBONES, TRUNK_KWARGS
+    from rae.encoders import DEFAULT_ENCODER, load_encoder
+
+    torch.manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    trunks = {"encoder": load_encoder(DEFAULT_ENCODER, random_init=True).trunk,
+              "discriminator": timm.create_model(BACKBONES["dino-vits8"], pretrained=False, **TRUNK_KWARGS),
+              "vgg16": torchvision_vgg16_features()}
+    files = {}
+    for name, module in trunks.items():
+        files[name] = str(root / f"random-{name}.pt")
+        torch.save(module.state_dict(), files[name])
+    return files
+
+
+def torchvision_vgg16_features() -> torch.nn.Module:
+    """torchvision's VGG16 with random weights, its classifier dropped (LPIPS uses the convolutions only)."""
+    import torchvision
+
+    vgg = torchvision.models.vgg16(weights=None)
+    vgg.classifier = torch.nn.Identity()
+    return vgg
+
+
+def paper_run_config(weights: dict[str, str], *, decoder: str, encoder_size: int, disc_size: int, precision: str,
+                     compile: str) -> DecoderRunConfig:
+    """The paper's decoder run (DINOv2-B encoder, LPIPS-VGG, DINO ViT-S/8 discriminator) on the random
+    weight files of ``paper_weight_files``."""
+    from rae.encoders import DEFAULT_ENCODER
+
+    return DecoderRunConfig(encoder=DEFAULT_ENCODER, encoder_weights=weights["encoder"], encoder_input_size=encoder_size,
+                            decoder=decoder, perceptual="lpips-vgg", lpips_weights=weights["vgg16"],
+                            discriminator="dino-vits8", disc_weights=weights["discriminator"],
+                            disc_input_size=disc_size, loss=DecoderLossConfig(),
+                            loop=LoopConfig(precision=precision, compile=compile))
+
+
 def benchmark_facts(config: DecoderRunConfig) -> DecoderFacts:
     """What ``resolve_facts`` gives the workers, without its driver-side checks (a loaded perceptual
     network and discriminator): the benchmark's names are known good."""
+    from jobs.train.decoder import resolve_perceptual
     from pipelines.decoder_crops import crop_sizes
     from rae.encoders import load_encoder
 
-    encoder = load_encoder(config.encoder, input_size=config.encoder_input_size)
+    encoder = load_encoder(config.encoder, weights=config.encoder_weights, input_size=config.encoder_input_size)
     resize, crop = crop_sizes(encoder.spec.image_size, config.resize, config.crop)
+    perceptual, perceptual_weights = resolve_perceptual(config)
     return DecoderFacts(latent_spec=encoder.latent_spec(), image_mean=tuple(encoder.spec.mean),
-                        image_std=tuple(encoder.spec.std), perceptual=config.perceptual, perceptual_weights=None,
+                        image_std=tuple(encoder.spec.std), perceptual=perceptual, perceptual_weights=perceptual_weights,
                         disc_digest="benchmark", rows=0, resize=resize, crop=crop)
 
 
@@ -235,11 +287,13 @@ def crop_producer(work: Path, *, images: int, resize: int, crop: int, repeats: i
 GPU_VARIANTS = [("bf16", "on"), ("bf16", "off"), ("fp32", "off")]  # the GPU default (auto) first
 
 
-def gpu_throughput(quick: bool, steps: int) -> dict:
-    """MFU of the trainer's step on one GPU, ViT-XL decoder on DINOv2 latents at 224 px (16x16 tokens)
-    -> 256 px images, per precision / compilation and phase; FLOPs counted on an eager step."""
+def gpu_throughput(quick: bool, steps: int, work: Path) -> dict:
+    """MFU of the trainer's step on one GPU: the paper's run (ViT-XL decoder on DINOv2-B latents at 224 px,
+    16x16 tokens -> 256 px images; LPIPS-VGG; DINO ViT-S/8 discriminator) with random weights, per
+    precision / compilation and phase; FLOPs counted on an eager step."""
     device = torch.device("cuda")
     decoder, encoder_size, disc_size = ("tiny", 56, 56) if quick else ("vit-xl", 224, 224)
+    weights = paper_weight_files(work / "weights")
     global_batch, micro = (8, 4) if quick else (64, 32)
     peak = measured_peak(1024 if quick else 8192, 10 if quick else 50)
     rows: dict[str, dict] = {}
@@ -248,8 +302,8 @@ def gpu_throughput(quick: bool, steps: int) -> dict:
         key = f"{decoder} {precision} compile={compile}"
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-        config = run_config(decoder=decoder, encoder_size=encoder_size, disc_size=disc_size, precision=precision,
-                            compile=compile)
+        config = paper_run_config(weights, decoder=decoder, encoder_size=encoder_size, disc_size=disc_size,
+                                  precision=precision, compile=compile)
         try:
             task = build_task(config, benchmark_facts(config), device, global_batch, micro)
             batches = image_batches(task.ctx.plan.micro, task.ctx.plan.accum_steps, task.facts.crop)
@@ -274,11 +328,12 @@ def gpu_throughput(quick: bool, steps: int) -> dict:
     return {"variants": rows, "counted_gflops_per_image": {k: v / 1e9 for k, v in flops.items()},
             "peak_bf16_matmul_tflops": peak / 1e12, "gpu": torch.cuda.get_device_name(0),
             "global_batch": global_batch, "micro_batch": micro, "decoder": decoder,
+            "networks": "encoder dinov2-b-reg4, perceptual lpips-vgg, discriminator dino-vits8 (random weights)",
             "encoder_input_size": encoder_size}
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(__doc__.splitlines()[0], argv, gpu_only=True)
     quick = args.quick
     threads = 1
     config = {"decoder": "tiny", "encoder": "dinov2-s-offline at 56 px (4x4 tokens) -> 64 px images",
@@ -289,6 +344,25 @@ def main(argv: list[str] | None = None) -> None:
               "crop_shard_images": 8 if quick else 144, "crop_resize": 384, "crop": 256,
               "crop_repeats": 1 if quick else 3}
     rec = Recorder("decoder_train", args, config)
+    if args.gpu_only:
+        for key in ("cpu_step", "crop_producer"):
+            rec.skip(key, "--gpu-only: the CPU comparisons were not run")
+    else:
+        cpu_comparisons(rec, config, threads)
+    reason = cuda_unavailable_reason()
+    if reason:
+        rec.skip("gpu_throughput", reason)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="rae-bench-decoder-gpu-"))
+        try:
+            rec.add("gpu_throughput", gpu_throughput(quick, 2 if quick else 5, work))
+        finally:
+            finish(work, started_ray=False)
+    rec.write()
+
+
+def cpu_comparisons(rec: Recorder, config: dict, threads: int) -> None:
+    """The trainer's step against the plain loop per phase, and the crop producers, on the CPU."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="rae-bench-decoder-"))
@@ -306,12 +380,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         torch.set_num_threads(previous)
         finish(work, started_ray=False)
-    reason = cuda_unavailable_reason()
-    if reason:
-        rec.skip("gpu_throughput", reason)
-    else:
-        rec.add("gpu_throughput", gpu_throughput(quick, 2 if quick else 5))
-    rec.write()
 
 
 if __name__ == "__main__":

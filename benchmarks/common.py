@@ -27,10 +27,14 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(description: str, argv: list[str] | None = None, *, budget: bool = False) -> argparse.Namespace:
+def parse_args(description: str, argv: list[str] | None = None, *, budget: bool = False,
+               gpu_only: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs (seconds)")
     parser.add_argument("--out", default=None, help="result JSON path (default benchmarks/results/<name>.json)")
+    if gpu_only:
+        parser.add_argument("--gpu-only", action="store_true",
+                            help="measure the GPU part only (its CPU parts are recorded under not_run)")
     if budget:
         parser.add_argument("--budget-s", type=float, default=0.0,
                             help="start no new measurement after this many seconds (0: no limit); the "

@@ -201,3 +201,42 @@ def test_scaling_quick_projects_imagenet_and_says_what_it_left_out(tmp_path):
     eight, sixty_four = projection["8_gpus"], projection["64_gpus"]
     assert eight["days_800_epochs"] == pytest.approx(10 * eight["days_80_epochs"])
     assert sixty_four["days_800_epochs"] < eight["days_800_epochs"]
+
+
+def test_decoder_train_gpu_only_skips_the_cpu_comparisons_and_says_so(tmp_path):
+    """What a GPU slot runs (benchmarks/run_gpu.sh): the CPU comparisons are recorded as not run, not
+    silently missing, and the GPU part is measured where CUDA is, recorded as not run where it is not."""
+    out = tmp_path / "result.json"
+    bench_decoder_train.main(["--quick", "--gpu-only", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert {"cpu_step", "crop_producer"} <= set(record["not_run"])
+    assert "--gpu-only" in record["not_run"]["cpu_step"]
+    assert not {"cpu_step", "crop_producer"} & set(record["results"])
+    if torch.cuda.is_available():
+        assert record["results"]["gpu_throughput"]["variants"]
+    else:
+        assert "no CUDA" in record["not_run"]["gpu_throughput"]
+
+
+def test_decoder_train_gpu_part_builds_the_papers_networks_from_random_weight_files(tmp_path):
+    """The GPU part's networks, built here on the CPU at a small size: the trainer's own task loads the
+    paper's encoder, LPIPS-VGG and discriminator from the random weight files (a GPU machine has no hub
+    and no offline weight packages), and its step counts FLOPs and trains."""
+    from benchmarks.bench_decoder_train import (PHASES, benchmark_facts, build_task, image_batches,
+                                                paper_run_config, paper_weight_files, step_flops_per_image)
+    from rae.perceptual import LPIPSVGG
+
+    weights = paper_weight_files(tmp_path)
+    config = paper_run_config(weights, decoder="tiny", encoder_size=56, disc_size=56, precision="fp32", compile="off")
+    facts = benchmark_facts(config)
+    assert (facts.latent_spec.encoder, facts.latent_spec.channels, facts.perceptual) == ("dinov2-b-reg4", 768, "lpips-vgg")
+    task = build_task(config, facts, torch.device("cpu"), global_batch=2, micro=2)
+    assert isinstance(task.loss.perceptual, LPIPSVGG)
+    assert task.discriminator.config.backbone == "dino-vits8"
+    batches = image_batches(task.ctx.plan.micro, task.ctx.plan.accum_steps, task.facts.crop)
+    gan = PHASES["gan"]
+    assert step_flops_per_image(task, batches, gan) > 0
+    before = [p.detach().clone() for p in task.decoder.parameters()]
+    metrics = task.train_step(batches, gan + 1, 1e-4)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, task.decoder.parameters()))
