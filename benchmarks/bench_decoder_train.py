@@ -65,7 +65,7 @@ def paper_weight_files(root: Path) -> dict[str, str]:
     root.mkdir(parents=True, exist_ok=True)
     trunks = {"encoder": load_encoder(DEFAULT_ENCODER, random_init=True).trunk,
               "discriminator": timm.create_model(BACKBONES["dino-vits8"], pretrained=False, **TRUNK_KWARGS),
-              "vgg16": torchvision_vgg16_features()}
+              "vgg16": random_vgg16_convolutions()}
     files = {}
     for name, module in trunks.items():
         files[name] = str(root / f"random-{name}.pt")
@@ -73,8 +73,9 @@ def paper_weight_files(root: Path) -> dict[str, str]:
     return files
 
 
-def torchvision_vgg16_features() -> torch.nn.Module:
-    """torchvision's VGG16 with random weights, its classifier dropped (LPIPS uses the convolutions only)."""
+def random_vgg16_convolutions() -> torch.nn.Module:
+    """torchvision's VGG16 with random weights and its classifier dropped: the ``features.*`` convolutions
+    LPIPS uses, in the layout of torchvision's weights file."""
     import torchvision
 
     vgg = torchvision.models.vgg16(weights=None)
