@@ -20,6 +20,7 @@ measurement of that machine, not of a GPU node) so that a GPU slot spends its mi
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -58,15 +59,15 @@ def paper_weight_files(root: Path) -> dict[str, str]:
     a GPU machine has neither the hub nor this machine's offline weight packages."""
     import timm
 
+    from benchmarks.bench_encode_gpu import write_random_weights
     from rae.discriminator import BACKBONES, TRUNK_KWARGS
-    from rae.encoders import DEFAULT_ENCODER, load_encoder
 
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
-    trunks = {"encoder": load_encoder(DEFAULT_ENCODER, random_init=True).trunk,
-              "discriminator": timm.create_model(BACKBONES["dino-vits8"], pretrained=False, **TRUNK_KWARGS),
+    files = {"encoder": str(root / "random-encoder.safetensors")}
+    write_random_weights(Path(files["encoder"]))
+    trunks = {"discriminator": timm.create_model(BACKBONES["dino-vits8"], pretrained=False, **TRUNK_KWARGS),
               "vgg16": random_vgg16_convolutions()}
-    files = {}
     for name, module in trunks.items():
         files[name] = str(root / f"random-{name}.pt")
         torch.save(module.state_dict(), files[name])
@@ -85,15 +86,15 @@ def random_vgg16_convolutions() -> torch.nn.Module:
 
 def paper_run_config(weights: dict[str, str], *, decoder: str, encoder_size: int, disc_size: int, precision: str,
                      compile: str) -> DecoderRunConfig:
-    """The paper's decoder run (DINOv2-B encoder, LPIPS-VGG, DINO ViT-S/8 discriminator) on the random
-    weight files of ``paper_weight_files``."""
+    """``run_config`` on the paper's networks (DINOv2-B encoder, LPIPS-VGG, DINO ViT-S/8 discriminator) from
+    the random weight files of ``paper_weight_files``."""
     from rae.encoders import DEFAULT_ENCODER
 
-    return DecoderRunConfig(encoder=DEFAULT_ENCODER, encoder_weights=weights["encoder"], encoder_input_size=encoder_size,
-                            decoder=decoder, perceptual="lpips-vgg", lpips_weights=weights["vgg16"],
-                            discriminator="dino-vits8", disc_weights=weights["discriminator"],
-                            disc_input_size=disc_size, loss=DecoderLossConfig(),
-                            loop=LoopConfig(precision=precision, compile=compile))
+    return dataclasses.replace(
+        run_config(decoder=decoder, encoder_size=encoder_size, disc_size=disc_size, precision=precision,
+                   compile=compile),
+        encoder=DEFAULT_ENCODER, encoder_weights=weights["encoder"], perceptual="lpips-vgg",
+        lpips_weights=weights["vgg16"], discriminator="dino-vits8", disc_weights=weights["discriminator"])
 
 
 def benchmark_facts(config: DecoderRunConfig) -> DecoderFacts:

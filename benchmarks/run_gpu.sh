@@ -35,8 +35,7 @@ python="${PYTHON:-python3}"
 status=0
 for name in "${chosen[@]}"; do
   case "$name" in
-    encode_gpu) args=() ;;
-    memory) args=() ;;
+    encode_gpu | memory) args=() ;;
     dit_gpu) args=(--budget-s "${DIT_BUDGET_S:-240}") ;;
     sampling) args=(--budget-s "${SAMPLING_BUDGET_S:-180}") ;;
     decoder_train)
